@@ -1,0 +1,1 @@
+"""Shared machinery of the training toolkit (see ARCHITECTURE in docs/design.md)."""
