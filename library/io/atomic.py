@@ -1,0 +1,40 @@
+"""Write files so that a crash never leaves a half-written output behind.
+
+Everything we write (models, LoRAs, configs, caches) goes to a temporary file in the
+target folder first and is moved into place with `os.replace`, which is atomic on the
+same filesystem: readers see either the old file or the complete new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, suffix: str | None = None) -> Iterator[str]:
+    """Yield a temporary path next to `path`; on success it replaces `path`.
+
+    On any exception the temporary file is removed and `path` is left untouched.
+    `suffix` keeps the extension for writers that look at it (torch, PIL).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if suffix is None:
+        suffix = target.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    os.close(fd)
+    # mkstemp creates 0600 files; give the output the permissions a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
