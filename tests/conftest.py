@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random models written once per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# Nothing in the suite may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+class TinySD:
+    """A tiny SD model on disk plus a diffusers folder holding its true configuration."""
+
+    def __init__(self, variant: str, path: str, reference_folder: str):
+        self.variant = variant
+        self.path = path
+        self.reference_folder = reference_folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """variant -> TinySD, built lazily (each variant once per session)."""
+    cache: dict[str, TinySD] = {}
+    root = tmp_path_factory.mktemp("tiny_sd")
+
+    def get(variant: str) -> TinySD:
+        if variant not in cache:
+            from library.models.sd.saving import save_diffusers, save_ldm_checkpoint
+            from library.models.sd.tiny import make_sd_models
+
+            models = make_sd_models(variant, seed=1234)
+            path = str(root / f"{variant}.safetensors")
+            save_ldm_checkpoint(models, path)
+            ref = str(root / f"{variant}_reference")
+            save_diffusers(models, ref, v_parameterization=variant == "sd2-v")
+            cache[variant] = TinySD(variant, path, ref)
+        return cache[variant]
+
+    return get
