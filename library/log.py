@@ -89,6 +89,9 @@ def setup_logging(args: Any = None, reset: bool = False) -> Optional[logging.Han
         old.close()
     root.addHandler(handler)
     root.setLevel(level)
+    # bitsandbytes (imported by diffusers) warns on every CPU start that an optional
+    # kernels package is missing; it changes nothing for us, so keep it out of the log.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     return handler
 
 

@@ -45,3 +45,11 @@ def tiny_sd(tmp_path_factory):
         return cache[variant]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tokenizer_cache(tmp_path_factory) -> str:
+    """A --tokenizer_cache_dir holding every tokenizer, built offline once per session."""
+    from library.tokenizer_builder import ensure_tokenizer_cache
+
+    return ensure_tokenizer_cache(tmp_path_factory.mktemp("tokenizers"))
