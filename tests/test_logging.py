@@ -16,6 +16,7 @@ from library.log import setup_logging, teardown_logging
 def _clean_root():
     root = logging.getLogger()
     level = root.level
+    teardown_logging()  # earlier tests may have run entry points that set logging up
     yield
     teardown_logging()
     root.setLevel(level)
