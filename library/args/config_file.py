@@ -24,7 +24,6 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 from pathlib import PurePath
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
@@ -93,22 +92,12 @@ def values_for_output(args: argparse.Namespace, parser: argparse.ArgumentParser)
 
 
 def _write_atomically(path: str, text: str) -> None:
+    from library.io.atomic import atomic_write_text
+
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserInputError(f"--config_file: cannot write {path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".toml", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write_text(path, text)
 
 
 def flatten_config(data: Dict[str, Any]) -> Dict[str, Any]:
