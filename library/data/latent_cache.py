@@ -140,26 +140,44 @@ def _zip_directory(f, size: int) -> Optional[dict[str, tuple[int, int]]]:
     return out
 
 
-def npz_members(path: str) -> Optional[set[str]]:
-    """Array names in an ``.npz`` (without ``.npy``); None if missing or not a readable zip."""
+def _inspect(path: str, shape_key: Optional[str] = None) -> tuple[Optional[set[str]], Optional[tuple[int, ...]]]:
+    """One open: (array names or None if unreadable, shape of ``shape_key`` or None)."""
+    member = shape_key + ".npy" if shape_key else None
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            if size < 22:
-                return None
-            directory = _zip_directory(f, size)
-    except FileNotFoundError:
-        return None
+            directory = _zip_directory(f, size) if size >= 22 else None
+            if directory is not None:
+                names = {n[:-4] if n.endswith(".npy") else n for n in directory}
+                if member is None or member not in directory:
+                    return names, None
+                offset, method = directory[member]
+                if method == 0:
+                    f.seek(offset)
+                    local = f.read(30)
+                    if local[:4] != b"PK\x03\x04":
+                        return None, None
+                    name_len, extra_len = struct.unpack("<HH", local[26:30])
+                    f.seek(offset + 30 + name_len + extra_len)
+                    return names, _parse_npy_header(f.read(512))
     except OSError:
-        return None
-    if directory is None:
-        try:
-            with zipfile.ZipFile(path) as z:
-                names = z.namelist()
-        except (zipfile.BadZipFile, OSError, ValueError):
-            return None
-        return {n[:-4] if n.endswith(".npy") else n for n in names}
-    return {n[:-4] if n.endswith(".npy") else n for n in directory}
+        return None, None
+    # zip64, compressed members or an unusual layout: ask zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = {n[:-4] if n.endswith(".npy") else n for n in z.namelist()}
+            shape = None
+            if member is not None and member in z.namelist():
+                with z.open(member) as m:
+                    shape = _parse_npy_header(m.read(512))
+            return names, shape
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return None, None
+
+
+def npz_members(path: str) -> Optional[set[str]]:
+    """Array names in an ``.npz`` (without ``.npy``); None if missing or not a readable zip."""
+    return _inspect(path)[0]
 
 
 def _parse_npy_header(head: bytes) -> Optional[tuple[int, ...]]:
@@ -189,27 +207,7 @@ def _parse_npy_header(head: bytes) -> Optional[tuple[int, ...]]:
 
 def npz_array_shape(path: str, key: str) -> Optional[tuple[int, ...]]:
     """Shape of one array in an ``.npz`` read from its header (no data is loaded)."""
-    member = key + ".npy"
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            directory = _zip_directory(f, size) if size >= 22 else None
-            if directory is not None and member in directory and directory[member][1] == 0:
-                offset = directory[member][0]
-                f.seek(offset)
-                local = f.read(30)
-                if local[:4] != b"PK\x03\x04":
-                    return None
-                name_len, extra_len = struct.unpack("<HH", local[26:30])
-                f.seek(offset + 30 + name_len + extra_len)
-                return _parse_npy_header(f.read(512))
-    except OSError:
-        return None
-    try:  # compressed members or zip64: read the header through zipfile
-        with zipfile.ZipFile(path) as z, z.open(member) as m:
-            return _parse_npy_header(m.read(512))
-    except (KeyError, zipfile.BadZipFile, OSError, ValueError):
-        return None
+    return _inspect(path, key)[1]
 
 
 def is_latent_cache_valid(
@@ -228,7 +226,8 @@ def is_latent_cache_valid(
     """
     if skip_cache_check:
         return os.path.exists(path)
-    members = npz_members(path)
+    single = check_shape and not fmt.multi_resolution
+    members, shape = _inspect(path, "latents" if single else None)
     if members is None:
         if os.path.exists(path):
             logger.warning("latent cache %s is corrupt or not an .npz file; it will be rebuilt", path)
@@ -236,8 +235,7 @@ def is_latent_cache_valid(
     for key in required_keys(bucket, fmt, flip_aug, alpha_mask):
         if key not in members:
             return False
-    if check_shape and not fmt.multi_resolution:
-        shape = npz_array_shape(path, "latents")
+    if single:
         expected = (bucket[1] // fmt.downscale, bucket[0] // fmt.downscale)
         if shape is None or tuple(shape[-2:]) != expected:
             return False
