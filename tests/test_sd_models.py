@@ -208,3 +208,20 @@ def test_cli_error_is_one_line_before_heavy_imports(tmp_path):
     lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and "bad.safetensors" in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_save_model_as_formats_and_precision(tiny_sd, tmp_path):
+    from library.models.sd.saving import save_sd_model
+
+    models = load_sd_models(tiny_sd("sd1").path)
+    out = str(tmp_path / "half.safetensors")
+    assert save_sd_model(models, out, "safetensors", "fp16", metadata={"modelspec.title": "t"}) == "safetensors"
+    assert {t.dtype for t in _all_tensors(out).values()} == {torch.float16}
+    assert safetensors_io.read_metadata(out)["modelspec.title"] == "t"
+    folder = str(tmp_path / "pipe")
+    save_sd_model(models, folder, "diffusers_safetensors")
+    assert os.path.exists(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(UserInputError, match="--save_model_as"):
+        save_sd_model(models, str(tmp_path / "x.onnx"), "onnx")
+    with pytest.raises(UserInputError, match="--save_precision"):
+        save_sd_model(models, out, "safetensors", "fp8")

@@ -44,16 +44,15 @@ def setup_parser() -> argparse.ArgumentParser:
 
 
 def _save_dtype(args):
-    import torch
-
-    if args.save_precision_as != "no":
-        return {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}[args.save_precision_as]
-    chosen = [name for name in ("fp16", "bf16", "float") if getattr(args, name)]
     from library.errors import UserInputError
+    from library.models.dtypes import dtype_from_precision
 
+    chosen = [name for name in ("fp16", "bf16", "float") if getattr(args, name)]
+    if args.save_precision_as != "no":
+        chosen = [args.save_precision_as]
     if len(chosen) > 1:
         raise UserInputError(f"choose one save precision, got --{' and --'.join(chosen)}")
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}[chosen[0]] if chosen else None
+    return dtype_from_precision(chosen[0] if chosen else None, "--save_precision_as")
 
 
 def _parse_metadata(text):

@@ -46,12 +46,12 @@ def main(argv=None) -> None:
     if not args.out.lower().endswith((".safetensors", ".ckpt")):
         raise UserInputError(f"--out {args.out}: expected a .safetensors or .ckpt file name")
 
-    import torch
-
     from library.models.sd.saving import save_diffusers, save_ldm_checkpoint
     from library.models.sd.tiny import make_sd_models
 
-    dtype = {"float": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.save_precision]
+    from library.models.dtypes import dtype_from_precision
+
+    dtype = None if args.save_precision == "float" else dtype_from_precision(args.save_precision)
     models = make_sd_models(args.arch, seed=args.seed, full_size=args.full_size)
     save_ldm_checkpoint(models, args.out, save_dtype=dtype)
     n_params = sum(p.numel() for m in (models.unet, models.vae, models.text_encoder) for p in m.parameters())

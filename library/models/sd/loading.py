@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from library.errors import UserInputError
 from library.io import checkpoint_io, safetensors_io
+from library.models.dtypes import dtype_from_precision as _dtype_of
 from library.models.sd import config as cfgmod
 from library.models.sd.key_maps import (
     map_diffusers_keys_to_ldm,
@@ -81,14 +82,6 @@ class _TensorSource:
 
     def unused(self) -> dict:
         return {k: self.get(k) for k in list(self.shapes) if k not in self.used}
-
-
-def _dtype_of(name):
-    import torch
-
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32, "fp32": torch.float32}[name]
 
 
 def _assign(model, state_dict: dict, dtype, what: str, path: str):

@@ -145,7 +145,13 @@ def save_diffusers(models, folder: str, save_dtype=None, safe_serialization: boo
 
 def save_sd_model(models, out_path: str, save_model_as: str | None = None, save_dtype=None, metadata=None,
                   v_parameterization: bool = False, tokenizer=None, epoch: int = 0, global_step: int = 0) -> str:
-    """Save in the format `--save_model_as` names (default: follow the output path's extension)."""
+    """Save in the format `--save_model_as` names (default: follow the output path's extension).
+
+    `save_dtype` is a torch dtype or a `--save_precision` name (float, fp16, bf16).
+    """
+    from library.models.dtypes import dtype_from_precision
+
+    save_dtype = dtype_from_precision(save_dtype)
     fmt = save_model_as or ("diffusers" if not os.path.splitext(out_path)[1] else os.path.splitext(out_path)[1][1:].lower())
     if fmt in ("ckpt", "safetensors"):
         save_ldm_checkpoint(models, out_path, save_dtype, metadata if fmt == "safetensors" else None, epoch, global_step)
