@@ -339,7 +339,10 @@ def run_latent_caching(
     batches = _batches(jobs, max(1, batch_size))
     if not batches:
         return 0
-    pool = ThreadPoolExecutor(max_workers=num_workers) if num_workers > 0 else None
+    # num_workers == 0: decode on the calling thread; otherwise a prefetch thread keeps the
+    # next batch decoding (itself fanning out to num_workers threads) while this one encodes
+    pool = ThreadPoolExecutor(max_workers=num_workers) if num_workers > 1 else None
+    prefetch = ThreadPoolExecutor(max_workers=1) if num_workers > 0 else None
     writer = ThreadPoolExecutor(max_workers=1)
     write_errors: list[BaseException] = []
     lock = threading.Lock()
@@ -348,6 +351,18 @@ def run_latent_caching(
         if pool is None:
             return [_prepare(j) for j in batch]
         return list(pool.map(_prepare, batch))
+
+    def prepared_batches():
+        if prefetch is None:
+            for batch in batches:
+                yield batch, load_batch(batch)
+            return
+        future = prefetch.submit(load_batch, batches[0])
+        for bi, batch in enumerate(batches):
+            prepared = future.result()
+            if bi + 1 < len(batches):
+                future = prefetch.submit(load_batch, batches[bi + 1])
+            yield batch, prepared
 
     def write(job: LatentJob, arrays: dict) -> None:
         try:
@@ -367,12 +382,7 @@ def run_latent_caching(
             bar = None
     done = 0
     try:
-        prefetch = ThreadPoolExecutor(max_workers=1)
-        future = prefetch.submit(load_batch, batches[0])
-        for bi, batch in enumerate(batches):
-            prepared = future.result()
-            if bi + 1 < len(batches):
-                future = prefetch.submit(load_batch, batches[bi + 1])
+        for batch, prepared in prepared_batches():
             imgs = np.stack([p[0] for p in prepared])
             with_flip = batch[0].flip_aug
             if with_flip:
@@ -406,8 +416,9 @@ def run_latent_caching(
                 bar.update(n)
             if write_errors:
                 raise write_errors[0]
-        prefetch.shutdown(wait=True)
     finally:
+        if prefetch is not None:
+            prefetch.shutdown(wait=True)
         writer.shutdown(wait=True)
         if pool is not None:
             pool.shutdown(wait=True)
