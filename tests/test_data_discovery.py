@@ -120,7 +120,10 @@ def test_metadata_cache_roundtrip(tmp_path):
     discovery.write_metadata_cache(folder, {os.path.join(folder, "a.png"): {"caption": "x", "resolution": [3, 4]}})
     got = discovery.read_metadata_cache(folder)
     assert got == {os.path.join(folder, "a.png"): {"caption": "x", "resolution": [3, 4]}}
-    assert not [n for n in os.listdir(folder) if n.startswith(".tmp")]
+    assert os.listdir(folder) == ["metadata_cache.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(os.path.join(folder, "metadata_cache.json")).st_mode & 0o777 == 0o666 & ~umask
     write(os.path.join(folder, "metadata_cache.json"), "{broken")
     with pytest.raises(UserInputError, match="metadata_cache.json: invalid JSON at line 1"):
         discovery.read_metadata_cache(folder)
