@@ -31,6 +31,10 @@ def test_limits_rounded_with_warning(caplog):
     assert "min_bucket_reso 250" in caplog.text and "max_bucket_reso 1000" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
+        assert round_bucket_limits(32, 1024, 64) == (64, 1024)  # never rounded down to 0
+    assert "using 64" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
         assert round_bucket_limits(256, 1024, 64) == (256, 1024)
     assert caplog.text == ""
 

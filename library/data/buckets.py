@@ -43,8 +43,8 @@ def round_bucket_limits(min_reso: int, max_reso: int, steps: int, where: str = "
     """
     if steps <= 0:
         raise UserInputError(f"{where}bucket_reso_steps must be a positive integer, got {steps}")
-    new_min = (min_reso // steps) * steps
-    new_max = -(-max_reso // steps) * steps
+    new_min = max((min_reso // steps) * steps, steps)
+    new_max = max(-(-max_reso // steps) * steps, new_min)
     if new_min != min_reso:
         logger.warning(
             "%smin_bucket_reso %d is not a multiple of bucket_reso_steps %d; using %d",
