@@ -554,6 +554,7 @@ class FineTuningDataset(BaseDataset):
     kind = "finetuning"
 
     def _load(self) -> None:
+        self._size_cache: dict[str, dict[str, tuple[int, int]]] = {}
         listings: dict[str, Optional[discovery.FolderListing]] = {}
 
         def listing(folder: str) -> Optional[discovery.FolderListing]:
@@ -615,13 +616,11 @@ class FineTuningDataset(BaseDataset):
             for path, caption, size in self._split_items(subset, found):
                 self.entries.append(ImageEntry(path, caption, si, False, repeats, size))
 
-    _size_cache: dict
-
     def _cache_sizes(self, folder: str, lst) -> dict[str, tuple[int, int]]:
-        cache = self.__dict__.setdefault("_size_cache", {})
-        if folder not in cache:
-            cache[folder] = discovery.sizes_from_cache_names(lst.names) if lst is not None else {}
-        return cache[folder]
+        """Sizes recovered from latent-cache names in ``folder`` (computed once per folder)."""
+        if folder not in self._size_cache:
+            self._size_cache[folder] = discovery.sizes_from_cache_names(lst.names) if lst is not None else {}
+        return self._size_cache[folder]
 
     @staticmethod
     def _assemble_caption(info: dict, subset: SubsetParams) -> str:
