@@ -393,3 +393,22 @@ def test_build_dataset_groups_from_blueprint(tree):
     g1, _ = build_dataset_groups(bp, seed=1)
     g2, _ = build_dataset_groups(bp, seed=1)
     assert [b["image_keys"] for b in all_batches(g1)] == [b["image_keys"] for b in all_batches(g2)]
+
+
+def test_debug_dataset_prints_batches(tree):
+    from library.data.debug import debug_dataset
+
+    train, _ = build_from_args(args_for(tree, "--train_batch_size", "4"))
+    lines = []
+    debug_dataset(train, max_batches=2, out=lines.append)
+    assert lines[0].startswith(f"{len(train)} batches per epoch, 19 training samples")
+    assert sum(line.startswith("epoch 1 batch") for line in lines) == 2
+    assert any("caption:" in line for line in lines)
+
+
+def test_caption_file_with_leading_blank_line(tmp_path):
+    root = str(tmp_path)
+    make_tree(root, {"t/1_x": [((16, 16), "\n  \nreal caption\nmore")]})
+    train, _ = build_from_args(dataset_args(["--train_data_dir", f"{root}/t", "--resolution", "16",
+                                             "--caption_extension", ".txt"]))
+    assert train.datasets[0].entries[0].caption == "real caption"

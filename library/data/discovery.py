@@ -217,7 +217,7 @@ def read_caption_file(path: str, enable_wildcard: bool = False) -> str:
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         caption = "\n".join(lines)
     else:
-        caption = text.lstrip("\r\n").splitlines()[0].strip() if text.strip() else ""
+        caption = next((line.strip() for line in text.splitlines() if line.strip()), "")
     if not caption:
         raise UserInputError(
             f"caption file {path} is empty; write a caption or delete the file to use the class tokens"
