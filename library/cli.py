@@ -15,6 +15,8 @@ def run_main(main: Callable[[], object]) -> None:
     except UserInputError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -114,6 +114,44 @@ class SDArchitecture:
         parts = [states[:, 0, :1]] + [states[:, i, 1:-1] for i in range(n)] + [states[:, -1, -1:]]
         return torch.cat(parts, dim=1)
 
+    # ------------------------------------------------------------------ training step
+    fixed_timestep: int | None = None  # set by validation: every sample uses this timestep
+
+    def prepare_training(self, args, device) -> None:
+        """Noise schedule tables and noise/loss settings for the DDPM training step."""
+        from library.training.losses import LossConfig
+        from library.training.noise import DDPMTables, NoiseConfig
+
+        self.noise_cfg = NoiseConfig.from_args(args)
+        self.loss_cfg = LossConfig.from_args(args)
+        self.tables = DDPMTables.create(zero_terminal_snr=bool(getattr(args, "zero_terminal_snr", False))).to(device)
+
+    def noise_and_target(self, latents, generator=None):
+        """(noisy latents, target, timesteps, extras) for scaled latents x0 (training-math §2)."""
+        import torch
+
+        from library.training.noise import prepare_ddpm_step
+
+        timesteps = None
+        if self.fixed_timestep is not None:
+            timesteps = torch.full((latents.shape[0],), int(self.fixed_timestep), device=latents.device, dtype=torch.long)
+        step = prepare_ddpm_step(latents, self.noise_cfg, self.tables, generator=generator, timesteps=timesteps)
+        return step.noisy_latents, step.target, step.timesteps, {}
+
+    @staticmethod
+    def call_denoiser(unet, noisy, timesteps, context, batch):
+        return unet(noisy, timesteps, context).sample
+
+    def loss(self, pred, target, timesteps, sample_weights, mask, extras):
+        """Per-sample loss (B,) with masks, prior-loss weights and SNR weighting applied."""
+        from library.training.losses import ddpm_loss
+
+        return ddpm_loss(pred, target, timesteps, self.loss_cfg, self.tables, self.v_parameterization,
+                         mask=mask, sample_weights=sample_weights)
+
+    def modelspec_kwargs(self) -> dict:
+        return {}
+
     # ------------------------------------------------------------------ metadata
     @property
     def base_model_version(self) -> str:

@@ -41,3 +41,16 @@ def network_kwargs(args) -> dict[str, str]:
         # LyCORIS reads `dropout`; the built-in modules use neuron_dropout instead.
         kwargs["dropout"] = getattr(args, "network_dropout", None)
     return kwargs
+
+
+def check_network_kwargs(module, name: str, kwargs: dict) -> None:
+    """Validate --network_args before models load, for modules that declare ACCEPTED_ARGS.
+
+    Third-party modules (e.g. lycoris.kohya) declare nothing and validate at creation.
+    """
+    accepted = getattr(module, "ACCEPTED_ARGS", None)
+    if accepted is None:
+        return
+    from library.networks.args import parse_network_kwargs
+
+    parse_network_kwargs(kwargs, accepted, name)

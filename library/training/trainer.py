@@ -97,6 +97,7 @@ class NetworkTrainer:
             logger.info("no --seed given; using %d", args.seed)
         network_module = network_setup.import_network_module(args.network_module)
         net_kwargs = network_setup.network_kwargs(args)
+        network_setup.check_network_kwargs(network_module, args.network_module, net_kwargs)
         optimizers.resolve_optimizer_class(args)  # unknown names fail before models load
 
         arch = self.make_architecture(args)
@@ -208,7 +209,7 @@ class NetworkTrainer:
 
         base_metadata = build_training_metadata(
             args, arch=arch, group=train_group, val_group=val_group, num_batches_per_epoch=batches_per_epoch,
-            num_epochs=num_epochs, optimizer_name=optimizer_name + (f"({optimizer_args_str})" if optimizer_args_str else ""),
+            num_epochs=num_epochs, optimizer_name=optimizers.optimizer_metadata_string(optimizer_name, optimizer_args_str),
             text_encoder_lr=te_lr, network_args=net_kwargs if args.network_args else None,
         )
         ctx = TrainContext(args, arch, accelerator, network, optimizer, scheduler, loader, train_group, val_group,
@@ -408,7 +409,7 @@ class NetworkTrainer:
         import torch
         from tqdm.auto import tqdm
 
-        from library.training.optimizers import current_learning_rates
+        from library.training.optimizers import current_learning_rates, report_loss
 
         a, acc, st = ctx.args, ctx.accelerator, ctx.state
         progress = tqdm(total=a.max_train_steps, initial=st.global_step, disable=not acc.is_local_main_process,
@@ -431,6 +432,7 @@ class NetworkTrainer:
                     if acc.sync_gradients and a.max_grad_norm:
                         acc.clip_grad_norm_(params, a.max_grad_norm)
                     ctx.optimizer.step()
+                    report_loss(ctx.scheduler, loss.detach())
                     ctx.scheduler.step()
                     ctx.optimizer.zero_grad(set_to_none=True)
                 if not acc.sync_gradients:
@@ -499,20 +501,11 @@ class NetworkTrainer:
 
     @staticmethod
     def loss_mask(ctx, batch, latents):
-        """Alpha / conditioning mask at latent size (None when masked loss is off)."""
-        import torch.nn.functional as F
+        """Alpha / conditioning mask (B,1,H,W) or None; the loss resizes it to latent size."""
+        from library.training.losses import loss_mask_from_batch
 
-        a = ctx.args
-        if not (a.masked_loss or a.alpha_mask):
-            return None
-        mask = None
-        if batch.get("conditioning_images") is not None:
-            mask = (batch["conditioning_images"][:, :1] + 1) / 2  # red channel, [-1,1] -> [0,1]
-        elif batch.get("alpha_masks") is not None:
-            mask = batch["alpha_masks"][:, None]
-        if mask is None:
-            return None
-        return F.interpolate(mask.to(latents.device).float(), size=latents.shape[-2:], mode="area")
+        mask = loss_mask_from_batch(batch, masked_loss=bool(ctx.args.masked_loss))
+        return None if mask is None else mask.to(latents.device)
 
     # ------------------------------------------------------------------ after step / epoch
     def after_step(self, ctx, epoch: int) -> None:
