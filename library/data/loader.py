@@ -85,6 +85,7 @@ class ResumableLoader:
         gradient_accumulation_steps: int = 1,
         pin_memory: bool = False,
     ):
+        import torch
         from torch.utils.data import DataLoader
 
         self.dataset = dataset
@@ -97,6 +98,9 @@ class ResumableLoader:
             num_workers=num_workers,
             persistent_workers=persistent_workers and num_workers > 0,
             pin_memory=pin_memory,
+            # Its own generator: creating an iterator each epoch must not draw from the
+            # global RNG, which the training noise uses (exact resume depends on it).
+            generator=torch.Generator().manual_seed(int(seed)),
         )
         self.epoch = 1
         self.batch = 0  # next batch position within self.epoch
