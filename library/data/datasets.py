@@ -768,7 +768,8 @@ class DatasetGroup:
                 e.alpha_mask = arrays["alpha_mask"]
 
         if num_workers is None:
-            num_workers = min(4, os.cpu_count() or 1)
+            # one core stays with the encoder (torch's CPU threads spin when starved)
+            num_workers = min(4, max(1, (os.cpu_count() or 2) - 1))
         done = run_latent_caching(jobs, encode, fmt, batch_size, num_workers, store, progress)
         for d in self.datasets:
             d.latents_cached = True
