@@ -378,6 +378,7 @@ def test_tokenize_fn_and_group_api(tree):
     train.set_tokenize_fn(lambda caps: [len(c) for c in caps])
     b = train[0]
     assert b["input_ids"] == [len(c) for c in b["captions"]]
+    assert 0 < train.datasets[0].bucket_manager.mean_ar_error < 1
     desc = train.describe()[0]
     assert desc["num_train_images"] == 19 and desc["kind"] == "dreambooth"
     assert sum(desc["buckets"].values()) == 38

@@ -132,6 +132,7 @@ class BucketManager:
         # bucket resolution -> list of item keys (one per repeat)
         self.buckets: dict[Size, list[Hashable]] = {}
         self._epoch_cache: tuple[Optional[tuple], list] = (None, [])
+        self.mean_ar_error = 0.0  # mean |bucket aspect - image aspect| over images (set by the dataset)
 
     # ---- assignment -----------------------------------------------------------------
     def select(self, width: int, height: int) -> tuple[Size, Size, float]:

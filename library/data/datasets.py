@@ -196,12 +196,15 @@ class BaseDataset:
         for subset in self.subsets:
             if subset.face_crop_aug_range and p.enable_bucket:
                 logger.warning("%s: face_crop_aug_range is ignored when enable_bucket is on", subset.where)
+        errors = 0.0
         for idx, e in enumerate(self.entries):
             try:
-                e.bucket, e.resized_size, _ = bm.select(e.size[0], e.size[1])
+                e.bucket, e.resized_size, ar_error = bm.select(e.size[0], e.size[1])
             except ValueError as err:
                 raise UserInputError(f"{e.path}: {err}") from None
+            errors += ar_error
             bm.add(e.bucket, idx, e.num_repeats)
+        bm.mean_ar_error = errors / len(self.entries) if self.entries else 0.0
         if self.entries:
             logger.info("%s", bm.table())
         return bm
