@@ -25,7 +25,7 @@ from library.errors import UserInputError
 from library.networks import discovery as disc
 from library.networks.args import FLOAT, FLOAT_LIST, INT, INT_LIST, STR, Converter, parse_network_kwargs
 from library.networks.blocks import layout_for, parse_lr_weights, per_block
-from library.networks.modules import AdapterModule
+from library.networks.modules import AdapterModule, low_rank_product
 from library.networks.network import AdapterNetwork, LowRankNetworkMixin
 from library.networks.weights_io import load_weights_file
 
@@ -138,14 +138,7 @@ class LoRAModule(AdapterModule):
         """scale * up @ down as a float32 tensor shaped like the layer's weight."""
         down = self.lora_down.weight.detach().to(device, torch.float32)
         up = self.lora_up.weight.detach().to(device, torch.float32)
-        if down.dim() == 2:
-            dw = up @ down
-        elif down.shape[2:] == (1, 1):
-            dw = (up[:, :, 0, 0] @ down[:, :, 0, 0])[:, :, None, None]
-        else:
-            # a kxk conv followed by a 1x1 conv is one kxk conv with these weights
-            dw = torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)
-        return dw * self.scale
+        return low_rank_product(up, down) * self.scale
 
     def get_weight(self, multiplier=None) -> torch.Tensor:
         return self.delta_weight() * (self.multiplier if multiplier is None else multiplier)

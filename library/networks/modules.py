@@ -14,6 +14,20 @@ import torch
 _NO_FORWARD = object()
 
 
+def low_rank_product(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """up @ down shaped like the adapted layer's weight.
+
+    Linear: (out, r) @ (r, in). 1x1 conv: the same on squeezed kernels. kxk conv: a kxk
+    conv (down) followed by a 1x1 conv (up) is one kxk conv whose kernel is
+    sum_r up[o, r] * down[r, i, :, :].
+    """
+    if down.dim() == 2:
+        return up @ down
+    if down.shape[2:] == (1, 1):
+        return (up[:, :, 0, 0] @ down[:, :, 0, 0])[:, :, None, None]
+    return torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)
+
+
 class AdapterModule(torch.nn.Module):
     """Common state: name, wrapped layer, multiplier, enable flag, merge bookkeeping."""
 
