@@ -443,3 +443,60 @@ def test_block_lr_weights_presets_and_groups(sd1):
     mods18 = [m for m in net.unet_loras if m.block_index == 18]  # up_blocks.1.resnets/attentions.2 + upsampler
     assert {id(p) for m in mods18 for p in m.parameters()} == {id(p) for p in by_desc["unet_block18"]["params"]}
     assert any("upsamplers" in m.lora_name for m in mods18)
+
+
+# -- third-party plug-in: LyCORIS' lycoris.kohya ----------------------------------------------------
+
+
+@pytest.mark.parametrize("algo, suffix", [("loha", ".hada_w1_a"), ("lokr", ".lokr_w1")])
+def test_lycoris_plugin_trains_and_saves(algo, suffix, sd1, tmp_path):
+    kohya = pytest.importorskip("lycoris.kohya")
+    from library.networks.discovery import plugin_view
+
+    te, unet = sd1
+    base = _outputs(te, unet)
+    # network_args arrive as strings; the trainer adds `dropout`
+    net = kohya.create_network(1.0, 4, 1, None, plugin_view(te), unet, algo=algo, conv_dim="4", conv_alpha="1",
+                               dropout=None)
+    net.apply_to(te, unet, apply_text_encoder=True, apply_unet=True)
+    net.prepare_grad_etc(te, unet)
+    net.on_epoch_start(te, unet)
+    params, desc = net.prepare_optimizer_params(1e-3, 1e-3, 1e-3)
+    assert desc == ["textencoder", "unet"]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    x, t, _, ids = _inputs()
+    net.on_step_start()
+    hidden = te(ids).last_hidden_state
+    loss = torch.nn.functional.mse_loss(unet(x, t, hidden).sample, torch.zeros_like(x))
+    loss.backward()
+    grads = {n: p.grad for n, p in net.named_parameters()}
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("lora_te_"))
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("lora_unet_"))
+    opt.step()
+    net.eval()
+    after = _outputs(te, unet)
+    assert (after[1] - base[1]).abs().max() > 0
+
+    path = tmp_path / f"{algo}.safetensors"
+    net.save_weights(str(path), None, {"ss_network_module": "lycoris.kohya"})
+    keys = load_state_dict(path).keys()
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" + suffix in keys
+    # with the view, text-encoder keys carry the canonical text_model_ level
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" + suffix in keys
+    assert "sshs_model_hash" in read_metadata(path)
+
+
+def test_plugin_view_names(base_models):
+    from library.networks.discovery import CanonicalNamesView, plugin_view
+
+    te = base_models["sd1"].text_encoder
+    view = plugin_view(te)
+    assert isinstance(view, CanonicalNamesView) and view.wrapped is te and view.config is te.config
+    assert plugin_view([te, None])[0].wrapped is te
+    names = {n for n, _ in view.named_modules()}
+    assert "text_model.encoder.layers.0.self_attn.q_proj" in names
+    # our own modules name the same layers identically through the view or without it
+    unet = base_models["sd1"].unet
+    a = {m.lora_name for m in lora.create_network(1.0, 4, 1, None, te, unet).text_encoder_loras}
+    b = {m.lora_name for m in lora.create_network(1.0, 4, 1, None, view, unet).text_encoder_loras}
+    assert a == b

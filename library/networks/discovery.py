@@ -63,6 +63,49 @@ def canonical_root(model) -> str:
     return ""
 
 
+class CanonicalNamesView(torch.nn.Module):
+    """A model seen under its canonical module paths (`text_model.<...>`).
+
+    Third-party network modules (LyCORIS' `lycoris.kohya`, ...) name layers from
+    `named_modules()` of what they are given. Handing them this view of a transformers 5.x
+    `CLIPTextModel` makes their keys `lora_te_text_model_encoder_...` like every file in the
+    ecosystem. The view owns nothing: its one child is the model itself, attribute lookups
+    and calls are passed through.
+    """
+
+    def __init__(self, model: torch.nn.Module, root: str = "text_model"):
+        super().__init__()
+        self._root = root
+        self.add_module(root, model)
+
+    @property
+    def wrapped(self) -> torch.nn.Module:
+        return self._modules[self._root]
+
+    def forward(self, *args, **kwargs):
+        return self.wrapped(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get(self.__dict__.get("_root"))
+            if inner is None:
+                raise
+            return getattr(inner, name)
+
+
+def plugin_view(models):
+    """What to give a third-party network module for one model or a list of models: a
+    CanonicalNamesView where the live paths lack the canonical `text_model.` level, the model
+    itself otherwise."""
+    if isinstance(models, (list, tuple)):
+        return [plugin_view(m) for m in models]
+    if models is not None and canonical_root(models) == "text_model.":
+        return CanonicalNamesView(models)
+    return models
+
+
 def key_name(prefix: str, path: str) -> str:
     return f"{prefix}.{path}".replace(".", "_")
 
