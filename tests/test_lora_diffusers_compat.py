@@ -1,8 +1,9 @@
 """Compatibility oracle: diffusers' `load_lora_weights` must take every key of our LoRA files
 and give the same U-Net and text-encoder outputs as our network at multiplier 1.
 
-Tolerance: atol 1e-5 on float32 outputs (in practice the outputs agree bit for bit: both
-compute base + up(down(x)) * alpha/rank in the same order).
+Tolerance: atol 1e-5 on float32 outputs of magnitude ~1. Measured: text encoder 0 (bit for
+bit), U-Net about 1.1e-6 to 1.4e-6 (summation order inside the two attention paths), merged
+weights vs diffusers about 2e-6.
 """
 
 from __future__ import annotations

@@ -117,15 +117,16 @@ class AdapterModule(torch.nn.Module):
     def merge_into_layer(self, multiplier: float | None = None, dtype=None, device=None) -> None:
         """Fold the adapter into the wrapped layer's weight, in place.
 
-        Computed in float32 on `device` (default: the weight's device), stored back in the
-        weight's dtype (or `dtype` when given).
+        Computed in float32 on `device` (default: the weight's device). The weight keeps its
+        dtype; `dtype`, when given, is the precision the merged values are rounded through.
         """
         multiplier = self.multiplier if multiplier is None else multiplier
         w = self.org_module.weight
-        target_dtype = dtype or w.dtype
         device = device or w.device
         new = self.merged_weight(w.detach().to(device, torch.float32), multiplier)
-        w.data = new.to(w.device, target_dtype)
+        if dtype is not None:
+            new = new.to(dtype)
+        w.copy_(new.to(w.device))
 
     @torch.no_grad()
     def backup_weight(self) -> None:
@@ -134,10 +135,12 @@ class AdapterModule(torch.nn.Module):
 
     @torch.no_grad()
     def restore_weight(self) -> None:
+        """Put back the weight saved by backup_weight (without a backup there is nothing to
+        restore, and a merged adapter stays merged)."""
         if self._backup is not None:
-            self.org_module.weight.data.copy_(self._backup)
+            self.org_module.weight.copy_(self._backup)
             self._backup = None
-        self._merged = False
+            self._merged = False
 
     def extra_repr(self) -> str:
         return f"{self.lora_name}, multiplier={self.multiplier}"
