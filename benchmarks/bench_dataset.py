@@ -139,6 +139,9 @@ def main() -> None:
         from library.data.latent_cache import LatentJob, latent_cache_path, run_latent_caching
 
         torch.manual_seed(0)
+        # one intra-op thread: on a small shared machine torch's spinning worker threads
+        # otherwise dominate the figures (and with a GPU the encoder needs no CPU threads)
+        torch.set_num_threads(1)
         vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                             block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4).eval()
