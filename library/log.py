@@ -44,6 +44,11 @@ def _level_from(args: Any) -> int:
     return getattr(logging, text)
 
 
+class _EmptyFp32ListFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
 def setup_logging(args: Any = None, reset: bool = False) -> Optional[logging.Handler]:
     """Install the console (or file) log handler on the root logger.
 
@@ -92,6 +97,10 @@ def setup_logging(args: Any = None, reset: bool = False) -> Optional[logging.Han
     # bitsandbytes (imported by diffusers) warns on every CPU start that an optional
     # kernels package is missing; it changes nothing for us, so keep it out of the log.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # diffusers warns on every `.to(dtype)` of a model, even when it pins no module to fp32.
+    noisy = logging.getLogger("diffusers.models.modeling_utils")
+    if not any(isinstance(f, _EmptyFp32ListFilter) for f in noisy.filters):
+        noisy.addFilter(_EmptyFp32ListFilter())
     return handler
 
 

@@ -145,3 +145,32 @@ def test_truncated_model_fails_before_loading(workspace, tmp_path, no_model_load
     argv[argv.index(workspace["model"])] = str(bad)
     with pytest.raises(UserInputError, match="cut.safetensors"):
         run_in_process(argv)
+
+
+@pytest.mark.parametrize("algo, key_suffix", [("loha", ".hada_w1_a"), ("lokr", ".lokr_w1")])
+def test_lycoris_plugin_trains_and_saves(workspace, tmp_path, algo, key_suffix):
+    """Third-party network modules plug in unchanged (LyCORIS 3.4 from PyPI)."""
+    pytest.importorskip("lycoris", reason="lycoris-lora is not installed")
+    out = tmp_path / algo
+    argv = base_argv(workspace, out, "--max_train_steps", "2", "--network_args", f"algo={algo}")
+    argv[argv.index("networks.lora")] = "lycoris.kohya"
+    run_in_process(argv)
+    sd = lora_tensors(out / "lora.safetensors")
+    assert any(k.endswith(key_suffix) for k in sd)
+    # text-encoder modules carry the canonical names every other tool expects
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_") for k in sd), sorted(sd)[:5]
+
+
+def test_two_process_ddp_on_cpu(workspace, tmp_path):
+    """accelerate launch with 2 CPU processes (gloo): trains, and only rank 0 writes files."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29731",
+           os.path.join(ROOT, "train_network.py"), *base_argv(workspace, out, "--max_train_steps", "2")]
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    md = safetensors_io.read_metadata(out / "lora.safetensors")
+    assert md["ss_steps"] == "2"
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["steps"] == 2

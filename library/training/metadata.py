@@ -100,7 +100,7 @@ def _ss_dataset(d) -> dict:
 
 
 def build_training_metadata(args, *, arch, group, val_group, num_batches_per_epoch: int, num_epochs: int,
-                            optimizer_name: str, text_encoder_lr, network_args: dict | None,
+                            optimizer_name: str, text_encoder_lr, network_args: dict | None, num_processes: int = 1,
                             session_id: int | None = None, started_at: float | None = None) -> dict[str, str]:
     """The ss_* keys known when training starts (updated at each save by `for_save`)."""
     g = lambda name, default=None: getattr(args, name, default)  # noqa: E731
@@ -178,7 +178,7 @@ def build_training_metadata(args, *, arch, group, val_group, num_batches_per_epo
         s = d.subsets[0] if d.subsets else None
         md.update({
             "ss_batch_size_per_device": p.batch_size,
-            "ss_total_batch_size": p.batch_size * int(g("num_processes", 1) or 1) * int(g("gradient_accumulation_steps", 1) or 1),
+            "ss_total_batch_size": p.batch_size * num_processes * int(g("gradient_accumulation_steps", 1) or 1),
             "ss_resolution": tuple(p.resolution) if p.resolution else None,
             "ss_color_aug": getattr(s, "color_aug", g("color_aug")),
             "ss_flip_aug": getattr(s, "flip_aug", g("flip_aug")),

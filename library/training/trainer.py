@@ -127,12 +127,21 @@ class NetworkTrainer:
             if g is not None:
                 g.set_tokenize_fn(tokenize)
 
-        # network
+        # network; third-party modules see the text encoders under their canonical
+        # (`text_model.`) module names, so their files match every other tool's
         train_unet = not args.network_train_text_encoder_only
         train_te = not args.network_train_unet_only
-        self.merge_base_weights(args, network_module, vae, text_encoders, unet)
-        network = self.create_network(args, network_module, net_kwargs, vae, text_encoders, unet)
-        network.apply_to(text_encoders[0] if len(text_encoders) == 1 else text_encoders, unet, train_te, train_unet)
+        te_for_network = text_encoders
+        if getattr(network_module, "ACCEPTED_ARGS", None) is None:
+            from library.networks.discovery import plugin_view
+
+            te_for_network = plugin_view(text_encoders)
+        te_arg = te_for_network[0] if len(te_for_network) == 1 else te_for_network
+        self.merge_base_weights(args, network_module, vae, te_for_network, unet)
+        network = self.create_network(args, network_module, net_kwargs, vae, te_for_network, unet)
+        if args.scale_weight_norms and not hasattr(network, "apply_max_norm_regularization"):
+            raise UserInputError(f"--scale_weight_norms: {args.network_module} does not support max-norm regularisation")
+        network.apply_to(te_arg, unet, train_te, train_unet)
         if args.network_weights and not args.dim_from_weights:
             info = network.load_weights(args.network_weights)
             logger.info("loaded network weights from %s: %s", args.network_weights, info)
@@ -186,7 +195,7 @@ class NetworkTrainer:
         network, optimizer, scheduler = accelerator.prepare(network, optimizer, scheduler)
         net = accelerator.unwrap_model(network)
         if hasattr(net, "prepare_grad_etc"):
-            net.prepare_grad_etc(text_encoders[0] if len(text_encoders) == 1 else text_encoders, unet)
+            net.prepare_grad_etc(te_arg, unet)
         network.train()
 
         # resume
@@ -210,11 +219,11 @@ class NetworkTrainer:
         base_metadata = build_training_metadata(
             args, arch=arch, group=train_group, val_group=val_group, num_batches_per_epoch=batches_per_epoch,
             num_epochs=num_epochs, optimizer_name=optimizers.optimizer_metadata_string(optimizer_name, optimizer_args_str),
-            text_encoder_lr=te_lr, network_args=net_kwargs if args.network_args else None,
+            text_encoder_lr=te_lr, network_args=net_kwargs if args.network_args else None, num_processes=num_processes,
         )
         ctx = TrainContext(args, arch, accelerator, network, optimizer, scheduler, loader, train_group, val_group,
                            text_encoders, tokenizers, vae, unet, weight_dtype, base_metadata, state, num_epochs,
-                           train_te, time.time())
+                           train_te, time.time(), te_for_network=te_arg)
         self.log_start(ctx, batches_per_epoch, steps_per_epoch)
         self.init_trackers(ctx)
         self.noise_setup(ctx)
@@ -287,10 +296,16 @@ class NetworkTrainer:
             return torch.bfloat16
         return torch.float32
 
+    def dataset_support(self, args):
+        """Which dataset kinds this script accepts (train_db/fine_tune override)."""
+        from library.data.config_schema import SchemaSupport
+
+        return SchemaSupport(dreambooth=True, finetuning=True, controlnet=bool(getattr(args, "masked_loss", False)), dropout=True)
+
     def build_datasets(self, args, arch):
         from library.data.datasets import build_from_args
 
-        train_group, val_group = build_from_args(args, seed=args.seed)
+        train_group, val_group = build_from_args(args, self.dataset_support(args), seed=args.seed)
         if len(train_group) == 0:
             raise UserInputError("the dataset has no images (check --train_data_dir / --dataset_config)")
         return train_group, val_group
@@ -422,7 +437,7 @@ class NetworkTrainer:
             st.epoch = epoch
             net = acc.unwrap_model(ctx.network)
             if hasattr(net, "on_epoch_start"):
-                net.on_epoch_start(ctx.text_encoders[0] if len(ctx.text_encoders) == 1 else ctx.text_encoders, ctx.unet)
+                net.on_epoch_start(ctx.te_for_network, ctx.unet)
             for batch_index, batch in enumerate(self.shard(ctx.loader.iter_epoch(epoch), acc)):
                 if hasattr(net, "on_step_start"):
                     net.on_step_start()
@@ -627,6 +642,7 @@ class NetworkTrainer:
                 logger.info("  wrote %s", f)
             with open(os.path.join(ctx.args.output_dir, "training_summary.json"), "w") as fh:
                 json.dump(out, fh, indent=2)
+        out["loss_history"] = list(ctx.state.loss_history)
         return out
 
 
@@ -653,3 +669,4 @@ class TrainContext:
     loop_started: float
     files_written: list = field(default_factory=list)
     trackers: bool = False
+    te_for_network: object = None

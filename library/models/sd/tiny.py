@@ -74,8 +74,31 @@ def make_sd_models(variant: str, seed: int = 0, full_size: bool = False, dtype=N
             for model in (unet, vae, te):
                 for p in model.parameters():
                     p.add_(torch.randn(p.shape, generator=g) * 0.02)
+        _calibrate_vae(vae, seed)
     models = SDModels(te.eval(), vae.eval(), unet.eval(), variant != "sd1", "<random>", "random")
     if dtype is not None:
         for m in (unet, vae, te):
             m.to(dtype)
     return models
+
+
+def _calibrate_vae(vae, seed: int) -> None:
+    """Give the random VAE the latent statistics of a real one.
+
+    A random encoder's latents are tiny (std ~0.05), so after the SD scale factor they
+    vanish under the training noise and nothing image-specific can be learned. Scale the
+    latent-mean rows of quant_conv so scaled latents of typical images have std ~1, and
+    undo it in post_quant_conv so decoding is unchanged.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 2)
+    colours = torch.rand(8, 3, 1, 1, generator=g) * 2 - 1
+    images = (colours + 0.2 * torch.randn(8, 3, 64, 64, generator=g)).clamp(-1, 1)
+    with torch.no_grad():
+        z = vae.encode(images).latent_dist.mean
+        factor = float(1.0 / (z.std() * cfgmod.SD_LATENT_SCALE))
+        c = vae.config.latent_channels
+        vae.quant_conv.weight[:c] *= factor
+        vae.quant_conv.bias[:c] *= factor
+        vae.post_quant_conv.weight /= factor
