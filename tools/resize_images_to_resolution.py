@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     import numpy as np
     from PIL import Image
 
-    from library.data.atomic import atomic_write
+    from library.io.atomic import atomic_write
     from library.data.discovery import scan_folder
     from library.data.image_loading import load_image, resize_image, trim_to_bucket
     from library.errors import UserInputError

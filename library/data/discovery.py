@@ -365,7 +365,7 @@ def read_metadata_cache(image_dir: str) -> Optional[dict[str, dict]]:
 
 
 def write_metadata_cache(image_dir: str, entries: dict[str, dict]) -> None:
-    from library.data.atomic import atomic_write_json
+    from library.io.atomic import atomic_write_json
 
     atomic_write_json(os.path.join(image_dir, METADATA_CACHE_NAME), entries, indent=2)
 

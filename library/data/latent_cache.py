@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from library.data.atomic import atomic_write_bytes
+from library.io.atomic import atomic_write_bytes
 from library.errors import UserInputError
 
 logger = logging.getLogger(__name__)

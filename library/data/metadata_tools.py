@@ -11,7 +11,7 @@ import os
 from typing import Optional
 
 from library.data import discovery
-from library.data.atomic import atomic_write_json
+from library.io.atomic import atomic_write_json
 from library.errors import UserInputError
 
 logger = logging.getLogger(__name__)
