@@ -81,11 +81,20 @@ class NetworkTrainer:
             checkpoints.read_train_state(args.resume)
         if getattr(args, "sample_prompts", None) and not os.path.exists(args.sample_prompts):
             raise UserInputError(f"--sample_prompts {args.sample_prompts}: file not found")
+        from library.training.model_options import check_attention_options
+
+        check_attention_options(args)
         self.assert_extra_args(args)
 
     # ------------------------------------------------------------------ main
     def train(self, args) -> dict:
         """Run training; returns a summary dict (also printed)."""
+        try:
+            return self._train(args)
+        finally:
+            _release_accelerate_state()
+
+    def _train(self, args) -> dict:
         from library.log import setup_logging
         from library.training import network_setup, optimizers
 
@@ -119,6 +128,7 @@ class NetworkTrainer:
         vae, unet = models.vae, models.unet
         logger.info("models loaded in %.1f s", time.time() - t0)
         tokenizers = arch.load_tokenizers(args)
+        denoiser = self.prepare_base_models(args, accelerator, unet, text_encoders, vae, weight_dtype)
 
         # data: latents and tokens
         self.cache_latents_if_requested(args, arch, accelerator, vae, train_group, val_group)
@@ -152,19 +162,12 @@ class NetworkTrainer:
             if hasattr(network, "enable_gradient_checkpointing"):
                 network.enable_gradient_checkpointing()
 
-        # frozen base models
-        for m in [unet, *text_encoders] + ([vae] if vae is not None else []):
-            m.requires_grad_(False)
-        unet.to(accelerator.device, dtype=weight_dtype)
-        for te in text_encoders:
-            te.to(accelerator.device, dtype=weight_dtype)
         if vae is not None and not args.cache_latents:
             vae.to(accelerator.device, dtype=torch.float32 if args.no_half_vae else weight_dtype)
-        unet.eval()
-        for te in text_encoders:
-            te.eval()
         if args.gradient_checkpointing:
             unet.train()  # diffusers only checkpoints in training mode
+        if args.full_fp16 or args.full_bf16:
+            network.to(weight_dtype)  # trained weights and their gradients in half precision too
 
         # optimizer and schedule
         te_lr = self.text_encoder_lr(args, network)
@@ -223,7 +226,7 @@ class NetworkTrainer:
         )
         ctx = TrainContext(args, arch, accelerator, network, optimizer, scheduler, loader, train_group, val_group,
                            text_encoders, tokenizers, vae, unet, weight_dtype, base_metadata, state, num_epochs,
-                           train_te, time.time(), te_for_network=te_arg)
+                           train_te, time.time(), te_for_network=te_arg, denoiser=denoiser)
         self.log_start(ctx, batches_per_epoch, steps_per_epoch)
         self.init_trackers(ctx)
         self.noise_setup(ctx)
@@ -247,6 +250,30 @@ class NetworkTrainer:
         return summary
 
     # ------------------------------------------------------------------ pieces
+    def prepare_base_models(self, args, accelerator, unet, text_encoders, vae, weight_dtype):
+        """Frozen, on the device, in the compute dtype, with the chosen attention and storage.
+
+        Runs before the network is created: the network hooks into these layers as they are.
+        Returns the module to call as the denoiser (the U-Net, or its torch.compile wrapper).
+        """
+        from library.training import model_options
+
+        for m in [unet, *text_encoders] + ([vae] if vae is not None else []):
+            m.requires_grad_(False)
+            m.eval()
+        unet.to(accelerator.device, dtype=weight_dtype)
+        for te in text_encoders:
+            te.to(accelerator.device, dtype=weight_dtype)
+        logger.info("U-Net attention: %s", model_options.set_attention(unet, args))
+        if args.fp8_base or args.fp8_base_unet:
+            model_options.store_weights_in_fp8(unet, weight_dtype)
+            if args.fp8_base and not args.fp8_base_unet:
+                for te in text_encoders:
+                    model_options.store_weights_in_fp8(te, weight_dtype)
+        if args.highvram:
+            logger.info("--highvram: models stay on the device between phases")
+        return model_options.compile_model(unet, args) if args.torch_compile else unet
+
     def make_accelerator(self, args):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
@@ -509,7 +536,7 @@ class NetworkTrainer:
             context = arch.encode_tokens(ctx.text_encoders[0], ids, ctx.tokenizers[0], a.clip_skip)
         with acc.autocast():
             noisy, target, timesteps, extras = arch.noise_and_target(latents)
-            pred = arch.call_denoiser(ctx.unet, noisy.to(ctx.weight_dtype), timesteps, context.to(ctx.weight_dtype), batch)
+            pred = arch.call_denoiser(ctx.denoiser or ctx.unet, noisy.to(ctx.weight_dtype), timesteps, context.to(ctx.weight_dtype), batch)
         mask = self.loss_mask(ctx, batch, latents)
         per_sample = arch.loss(pred.float(), target.float(), timesteps, batch["loss_weights"].to(acc.device), mask, extras)
         return per_sample.mean()
@@ -646,6 +673,18 @@ class NetworkTrainer:
         return out
 
 
+def _release_accelerate_state() -> None:
+    """Forget accelerate's process-wide settings after a single-process run, so another
+    run in the same Python process (tests, the demo, notebooks) may use other precision."""
+    try:
+        from accelerate.state import AcceleratorState, PartialState
+    except ImportError:
+        return
+    if PartialState._shared_state and PartialState().num_processes > 1:
+        return
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @dataclass
 class TrainContext:
     args: object
@@ -670,3 +709,4 @@ class TrainContext:
     files_written: list = field(default_factory=list)
     trackers: bool = False
     te_for_network: object = None
+    denoiser: object = None  # the U-Net or its compiled wrapper
