@@ -181,3 +181,32 @@ def test_epoch_saves_and_keep_last(ws, tmp_path):
     assert md["ss_epoch"] == "3" and md["ss_steps"] == "6"
     summary = json.loads((tmp_path / "training_summary.json").read_text())
     assert summary["steps"] == 8
+
+
+def test_noise_and_loss_options_together(ws, tmp_path):
+    summary = train(ws, tmp_path, "--noise_offset", "0.05", "--noise_offset_random_strength", "--adaptive_noise_scale", "0.01",
+                    "--multires_noise_iterations", "2", "--multires_noise_discount", "0.3", "--ip_noise_gamma", "0.05",
+                    "--ip_noise_gamma_random_strength", "--min_snr_gamma", "5", "--loss_type", "huber", "--huber_schedule", "snr",
+                    "--zero_terminal_snr", "--debiased_estimation_loss", "--min_timestep", "100", "--max_timestep", "900",
+                    "--weighted_captions", "--max_token_length", "150", "--clip_skip", "2", "--gradient_accumulation_steps", "2",
+                    "--lr_scheduler", "cosine_with_restarts", "--lr_warmup_steps", "0.5", "--optimizer_type", "Lion")
+    assert summary["steps"] == 2 and summary["final_loss"] == summary["final_loss"]
+    md = safetensors_io.read_metadata(tmp_path / "net.safetensors")
+    assert md["ss_loss_type"] == "huber" and md["ss_min_snr_gamma"] == "5.0" and md["ss_optimizer"].endswith("Lion")
+    assert md["modelspec.timestep_range"] == "100,900" and md["modelspec.encoder_layer"] == "2"
+
+
+def test_v_parameterization_on_sd2(tiny_sd, ws, tmp_path):
+    import train_network
+
+    train_network.main([
+        "--pretrained_model_name_or_path", tiny_sd("sd2-v").path, "--v2", "--v_parameterization",
+        "--scale_v_pred_loss_like_noise_pred", "--tokenizer_cache_dir", ws["tok"], "--train_data_dir", ws["data"],
+        "--caption_extension", ".txt", "--resolution", "64", "--output_dir", str(tmp_path), "--output_name", "v",
+        "--network_module", "networks.lora", "--network_dim", "4", "--max_train_steps", "2", "--seed", "1",
+        "--max_data_loader_n_workers", "0",
+    ])
+    md = safetensors_io.read_metadata(tmp_path / "v.safetensors")
+    assert md["ss_base_model_version"] == "sd_v2_v" and md["modelspec.prediction_type"] == "v"
+    assert md["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    assert any(k.startswith("lora_te_text_model_encoder_layers_22_") for k in tensors(tmp_path / "v.safetensors"))

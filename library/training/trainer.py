@@ -81,6 +81,11 @@ class NetworkTrainer:
             checkpoints.read_train_state(args.resume)
         if getattr(args, "sample_prompts", None) and not os.path.exists(args.sample_prompts):
             raise UserInputError(f"--sample_prompts {args.sample_prompts}: file not found")
+        if getattr(args, "deepspeed", False):
+            import importlib.util
+
+            if importlib.util.find_spec("deepspeed") is None:
+                raise UserInputError("--deepspeed: the deepspeed package is not installed (pip install deepspeed)")
         from library.training.model_options import check_attention_options
 
         check_attention_options(args)
@@ -132,10 +137,11 @@ class NetworkTrainer:
 
         # data: latents and tokens
         self.cache_latents_if_requested(args, arch, accelerator, vae, train_group, val_group)
-        tokenize = lambda caps: arch.tokenize(tokenizers[0], caps, args.max_token_length)  # noqa: E731
-        for g in (train_group, val_group):
-            if g is not None:
-                g.set_tokenize_fn(tokenize)
+        if not args.weighted_captions:  # weighted captions are tokenized with their weights at encode time
+            tokenize = lambda caps: arch.tokenize(tokenizers[0], caps, args.max_token_length)  # noqa: E731
+            for g in (train_group, val_group):
+                if g is not None:
+                    g.set_tokenize_fn(tokenize)
 
         # network; third-party modules see the text encoders under their canonical
         # (`text_model.`) module names, so their files match every other tool's
@@ -532,8 +538,14 @@ class NetworkTrainer:
                 latents = ctx.vae.encode(images).latent_dist.sample().float()
             latents = torch.nan_to_num(latents, 0.0) * arch.latent_scale
         with torch.set_grad_enabled(ctx.train_te), acc.autocast():
-            ids = batch["input_ids"].to(acc.device)
-            context = arch.encode_tokens(ctx.text_encoders[0], ids, ctx.tokenizers[0], a.clip_skip)
+            if a.weighted_captions:  # (word:1.2) / [word] syntax in captions
+                from library.inference.prompt_weighting import encode_weighted
+
+                context = encode_weighted(arch, ctx.text_encoders[0], ctx.tokenizers[0], batch["captions"],
+                                          a.max_token_length, a.clip_skip)
+            else:
+                ids = batch["input_ids"].to(acc.device)
+                context = arch.encode_tokens(ctx.text_encoders[0], ids, ctx.tokenizers[0], a.clip_skip)
         with acc.autocast():
             noisy, target, timesteps, extras = arch.noise_and_target(latents)
             pred = arch.call_denoiser(ctx.denoiser or ctx.unet, noisy.to(ctx.weight_dtype), timesteps, context.to(ctx.weight_dtype), batch)
