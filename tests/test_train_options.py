@@ -210,3 +210,34 @@ def test_v_parameterization_on_sd2(tiny_sd, ws, tmp_path):
     assert md["ss_base_model_version"] == "sd_v2_v" and md["modelspec.prediction_type"] == "v"
     assert md["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
     assert any(k.startswith("lora_te_text_model_encoder_layers_22_") for k in tensors(tmp_path / "v.safetensors"))
+
+
+def test_alpha_mask_and_conditioning_masks(ws, tmp_path):
+    """--alpha_mask (transparency) and --masked_loss with --conditioning_data_dir both train."""
+    import numpy as np
+    from PIL import Image
+
+    import train_network
+
+    img_dir = tmp_path / "data" / "1_sks"
+    mask_dir = tmp_path / "masks"
+    img_dir.mkdir(parents=True)
+    mask_dir.mkdir()
+    for i in range(2):
+        rgba = np.zeros((64, 64, 4), np.uint8)
+        rgba[..., 0] = 200
+        rgba[16:48, 16:48, 3] = 255  # only the centre counts
+        Image.fromarray(rgba, "RGBA").save(img_dir / f"{i}.png")
+        (img_dir / f"{i}.txt").write_text("sks")
+        m = np.zeros((64, 64, 3), np.uint8)
+        m[:32] = 255
+        Image.fromarray(m).save(mask_dir / f"{i}.png")
+    common = ["--pretrained_model_name_or_path", ws["model"], "--tokenizer_cache_dir", ws["tok"],
+              "--train_data_dir", str(tmp_path / "data"), "--caption_extension", ".txt", "--resolution", "64",
+              "--network_module", "networks.lora", "--network_dim", "4", "--max_train_steps", "2", "--seed", "1",
+              "--max_data_loader_n_workers", "0", "--train_batch_size", "2"]
+    s1 = train_network.main(common + ["--output_dir", str(tmp_path / "a"), "--alpha_mask"])
+    s2 = train_network.main(common + ["--output_dir", str(tmp_path / "b"), "--masked_loss",
+                                      "--conditioning_data_dir", str(mask_dir)])
+    s3 = train_network.main(common + ["--output_dir", str(tmp_path / "c")])
+    assert len({round(s["final_loss"], 6) for s in (s1, s2, s3)}) == 3  # masks change the loss
