@@ -16,6 +16,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _torch_one_thread():
+    """Every model in the suite is tiny: threads gain nothing, and on a busy 2-core machine
+    the thread pool's barriers cost more than the arithmetic."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class TinySD:
     """A tiny SD model on disk plus a diffusers folder holding its true configuration."""
 

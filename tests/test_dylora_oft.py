@@ -16,16 +16,6 @@ from library.errors import UserInputError
 from library.io.safetensors_io import load_state_dict
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine the thread pool's
-    barriers cost more than the arithmetic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def base_models():
     from library.models.sd.tiny import make_sd_models

@@ -18,16 +18,6 @@ import networks.lora as lora
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine the thread pool's
-    barriers cost more than the arithmetic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class _Records(logging.Handler):
     def __init__(self):
         super().__init__(logging.WARNING)

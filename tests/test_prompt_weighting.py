@@ -51,15 +51,6 @@ def test_parse(text, expected):
     assert parse_prompt_attention(text) == _approx(expected)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (torch's pool spins when other processes are busy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok(tokenizer_cache):
     return load_sd_tokenizer(False, tokenizer_cache)

@@ -45,16 +45,6 @@ class Bundle:
         self.pipe.set_progress_bar_config(disable=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; with other processes busy, more threads
-    make torch's thread pool spin (10x slower measured on 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def sd1(tiny_sd, tokenizer_cache):
     return Bundle(tiny_sd, tokenizer_cache, "sd1")

@@ -23,14 +23,6 @@ def ws(tmp_path_factory, tiny_sd, tokenizer_cache):
     return {"data": str(root / "data"), "model": tiny_sd("sd1").path, "tok": tokenizer_cache, "prompts": str(prompts)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def train(ws, out, *extra, module="networks.lora", steps=2):
     import train_network
 

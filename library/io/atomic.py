@@ -61,3 +61,34 @@ def atomic_write_json(path: str | os.PathLike, obj, indent: int = 2) -> None:
     import json
 
     atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False))
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, prefix: str = ".tmp-") -> Iterator[str]:
+    """Yield a temporary folder next to `path`; on success it takes `path`'s place.
+
+    An existing folder at `path` is moved aside first and deleted only after the new one
+    is in place; on any exception the temporary folder is removed and `path` is untouched.
+    """
+    import shutil
+
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        from library.errors import UserInputError
+
+        raise UserInputError(f"{target}: exists and is not a folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f"{prefix}{target.name}-", dir=target.parent)
+    try:
+        yield tmp
+        if target.is_dir():
+            old = tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=target.parent)
+            os.rmdir(old)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

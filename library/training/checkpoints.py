@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 
 from library.errors import UserInputError
 
@@ -72,24 +71,12 @@ def remove_quietly(path: str) -> None:
 
 def save_state_folder(accelerator, folder: str, train_state: dict) -> None:
     """accelerator.save_state into `folder` (atomically) plus train_state.json."""
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-state-", dir=parent)
-    try:
+    from library.io.atomic import atomic_folder
+
+    with atomic_folder(folder, prefix=".tmp-state-") as tmp:
         accelerator.save_state(tmp)
         with open(os.path.join(tmp, TRAIN_STATE), "w") as f:
             json.dump(train_state, f)
-        if os.path.isdir(folder):
-            old = tempfile.mkdtemp(prefix=".old-state-", dir=parent)
-            os.rmdir(old)
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("saved training state to %s", folder)
 
 

@@ -6,8 +6,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 
 from library.errors import UserInputError
 from library.models.sd import config as cfgmod
@@ -99,15 +97,12 @@ def scheduler_config(v_parameterization: bool) -> dict:
 def save_diffusers(models, folder: str, save_dtype=None, safe_serialization: bool = True,
                    v_parameterization: bool = False, tokenizer=None) -> None:
     """Write a diffusers StableDiffusionPipeline folder; replaces `folder` atomically."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise UserInputError(f"{folder}: exists and is not a folder")
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-diffusers-", dir=parent)
-    try:
-        def cast(m):
-            return m.to(save_dtype) if save_dtype is not None else m
+    from library.io.atomic import atomic_folder
 
+    def cast(m):
+        return m.to(save_dtype) if save_dtype is not None else m
+
+    with atomic_folder(folder) as tmp:
         cast(models.unet).save_pretrained(os.path.join(tmp, "unet"), safe_serialization=safe_serialization)
         cast(models.vae).save_pretrained(os.path.join(tmp, "vae"), safe_serialization=safe_serialization)
         cast(models.text_encoder).save_pretrained(os.path.join(tmp, "text_encoder"), safe_serialization=safe_serialization)
@@ -129,17 +124,6 @@ def save_diffusers(models, folder: str, save_dtype=None, safe_serialization: boo
             tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
         with open(os.path.join(tmp, "model_index.json"), "w") as f:
             json.dump(index, f, indent=2)
-        if os.path.isdir(folder):
-            old = tempfile.mkdtemp(prefix=".old-diffusers-", dir=parent)
-            os.rmdir(old)
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("saved diffusers folder %s", folder)
 
 
