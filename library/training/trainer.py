@@ -100,6 +100,9 @@ class NetworkTrainer:
             _release_accelerate_state()
 
     def _train(self, args) -> dict:
+        # Captions are tokenized inside forked DataLoader workers: keep the tokenizers
+        # library's own thread pool out of them (it warns, and competes for the cores).
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from library.log import setup_logging
         from library.training import network_setup, optimizers
 
