@@ -3,6 +3,7 @@
     python tools/make_tiny_model.py --arch sd1 --out tiny_sd1.safetensors
     python tools/make_tiny_model.py --arch sd2-v --out tiny_sd2v.safetensors --diffusers_config tiny_sd2v_config
     python tools/make_tiny_model.py --arch sd1 --full_size --save_precision fp16 --out sd15_random.safetensors
+    python tools/make_tiny_model.py --arch sdxl --out tiny_sdxl.safetensors --diffusers_config tiny_sdxl_config
 
 The models have the real topology with narrow widths (or the released widths with
 --full_size), random weights fixed by --seed.
@@ -16,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-ARCHES = ("sd1", "sd2", "sd2-v")
+ARCHES = ("sd1", "sd2", "sd2-v", "sdxl")
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -46,12 +47,16 @@ def main(argv=None) -> None:
     if not args.out.lower().endswith((".safetensors", ".ckpt")):
         raise UserInputError(f"--out {args.out}: expected a .safetensors or .ckpt file name")
 
-    from library.models.sd.saving import save_diffusers, save_ldm_checkpoint
-    from library.models.sd.tiny import make_sd_models
-
     from library.models.dtypes import dtype_from_precision
 
     dtype = None if args.save_precision == "float" else dtype_from_precision(args.save_precision)
+    if args.arch == "sdxl":
+        _make_sdxl(args, dtype)
+        return
+
+    from library.models.sd.saving import save_diffusers, save_ldm_checkpoint
+    from library.models.sd.tiny import make_sd_models
+
     models = make_sd_models(args.arch, seed=args.seed, full_size=args.full_size)
     save_ldm_checkpoint(models, args.out, save_dtype=dtype)
     n_params = sum(p.numel() for m in (models.unet, models.vae, models.text_encoder) for p in m.parameters())
@@ -63,6 +68,24 @@ def main(argv=None) -> None:
 
             tokenizer = load_sd_tokenizer(args.arch != "sd1", args.tokenizer_cache_dir)
         save_diffusers(models, args.diffusers_config, save_dtype=dtype, v_parameterization=args.arch == "sd2-v", tokenizer=tokenizer)
+        print(f"wrote diffusers reference folder {args.diffusers_config}")
+
+
+def _make_sdxl(args, dtype) -> None:
+    from library.models.sdxl.saving import save_sdxl_checkpoint, save_sdxl_diffusers
+    from library.models.sdxl.tiny import make_sdxl_models
+
+    models = make_sdxl_models(seed=args.seed, full_size=args.full_size)
+    save_sdxl_checkpoint(models, args.out, save_dtype=dtype)
+    n_params = sum(p.numel() for m in (models.unet, models.vae, *models.text_encoders) for p in m.parameters())
+    print(f"wrote {args.out}: sdxl, {n_params / 1e6:.1f}M parameters, {os.path.getsize(args.out) / 2**20:.1f} MiB")
+    if args.diffusers_config:
+        tokenizers = None
+        if args.tokenizer_cache_dir:
+            from library.tokenizers import load_sdxl_tokenizers
+
+            tokenizers = load_sdxl_tokenizers(args.tokenizer_cache_dir)
+        save_sdxl_diffusers(models, args.diffusers_config, save_dtype=dtype, tokenizers=tokenizers)
         print(f"wrote diffusers reference folder {args.diffusers_config}")
 
 
