@@ -28,8 +28,6 @@ def diffusers_to_ours(diffusers_sd: dict, cfg: SDXLUNetConfig) -> dict:
 
 def ours_to_diffusers(our_sd: dict, cfg: SDXLUNetConfig) -> dict:
     """Inverse of `diffusers_to_ours`."""
-    from library.models.sdxl.unet import SDXLUNet  # noqa: F401  (documents the source of our names)
-
     diffusers_keys = diffusers_unet_keys(cfg)
     mapping = map_diffusers_keys_to_ldm(diffusers_keys, unet_module_pairs(cfg), "")
     return {k: our_sd[m.ldm_key] for k, m in mapping.items()}
