@@ -143,6 +143,7 @@ class LatentDiffusionSampler:
         mask: Any = None,
         eta: float = 0.0,
         extra: Optional[dict] = None,
+        init_latents: Optional[torch.Tensor] = None,
         output_type: str = "pil",
         callback: Optional[Callable[[int, Any, torch.Tensor], None]] = None,
         progress: bool = False,
@@ -154,8 +155,10 @@ class LatentDiffusionSampler:
         random seeds. latents: initial noise (B, C, H/8, W/8) instead of seeded noise (as
         diffusers' `latents=`; scaled by the scheduler's init_noise_sigma here).
         init_image: PIL image(s) or a (B, 3, H, W) tensor in [-1, 1] for img2img with
-        `strength` (0..1). mask: PIL image(s) or (B, 1, H, W) tensor; white is regenerated,
-        black kept (needs init_image). negative_scale: gen_img's separate weight for the
+        `strength` (0..1). init_latents: sampler-space latents (B or 1, C, H/8, W/8) used like
+        an encoded init_image (no VAE encoding; gen_img's latent highres fix). mask: PIL
+        image(s) or (B, 1, H, W) tensor; white is regenerated, black kept (needs an init
+        image or init_latents). negative_scale: gen_img's separate weight for the
         negative prompt (against an empty-prompt baseline). extra: architecture options
         (SDXL sizes and crops). output_type: "pil" (images, `.info["seed"]` set), "latent"
         (final sampler-space latents) or "pt" (decoded images in [-1, 1]).
@@ -198,10 +201,17 @@ class LatentDiffusionSampler:
             noise = latents.float().cpu()
         noise = noise.to(self.device)
 
-        init_latents = keep = None
-        if init_image is not None:
-            images = self._images_tensor(init_image, n, width, height)
-            init_latents = self.encode_images(images, generators)
+        keep = None
+        if init_image is not None or init_latents is not None:
+            if init_latents is None:
+                images = self._images_tensor(init_image, n, width, height)
+                init_latents = self.encode_images(images, generators)
+            else:
+                init_latents = init_latents.float().to(self.device)
+                if init_latents.shape[0] == 1 and n > 1:
+                    init_latents = init_latents.repeat(n, 1, 1, 1)
+                if tuple(init_latents.shape) != shape:
+                    raise ValueError(f"init_latents must have shape {shape}, not {tuple(init_latents.shape)}")
             init_steps = min(int(steps * strength), steps)
             t_start = max(steps - init_steps, 0)
             timesteps = timesteps[t_start * sched.order:]
