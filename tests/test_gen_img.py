@@ -491,3 +491,63 @@ def test_textual_inversion_embedding(env, tmp_path):
     torch.testing.assert_close(weight[new], emb)
     with pytest.raises(UserInputError, match="already exists"):
         pipe.add_textual_inversion(str(path))
+
+
+# ---------------------------------------------------------------------------- plug-ins
+def test_lycoris_plugin_module(env, tmp_path, caplog):
+    kohya = pytest.importorskip("lycoris.kohya")
+    from library.models.sd.loading import load_sd_models
+    from library.networks.discovery import plugin_view
+
+    m = load_sd_models(env.model.path)
+    # alpha == dim (scale 1): LyCORIS 3.4's LoHa merge applies alpha/dim twice, its live path once
+    net = kohya.create_network(1.0, 4, 4, None, plugin_view(m.text_encoder), m.unet, algo="loha", dropout=None)
+    net.apply_to(m.text_encoder, m.unet, True, True)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    path = str(tmp_path / "loha.safetensors")
+    net.save_weights(path, None, {"ss_network_module": "lycoris.kohya"})
+    kw = ("--prompt", "a cat --d 4")
+    net_kw = ("--network_module", "lycoris.kohya", "--network_weights", path)
+    base = env.pixels(*kw)
+    live = env.pixels(*kw, *net_kw)
+    merged = env.pixels(*kw, *net_kw, "--network_merge")
+    with caplog.at_level(logging.WARNING):
+        pre_calc = env.pixels(*kw, *net_kw, "--network_pre_calc")
+    assert np.abs(live - base).max() > 10
+    assert np.abs(merged - live).max() <= 2 and np.array_equal(pre_calc, live)
+    assert "cannot be pre-calculated" in caplog.text
+
+
+def test_prompter_module_and_upscaler_module(env, tmp_path, monkeypatch):
+    (tmp_path / "my_prompts.py").write_text(
+        "def get_prompter(args, pipe, networks):\n"
+        "    items = iter(['a cat --f m1', 'a dog --f m2'])\n"
+        "    return lambda args, pipe, seed_random, iter_seed, index, step: next(items, None)\n"
+    )
+    out = tmp_path / "o"
+    env.run("--from_module", str(tmp_path / "my_prompts.py"), outdir=str(out))
+    assert sorted(os.listdir(out)) == ["m1.png", "m2.png"]
+
+    (tmp_path / "my_upscaler.py").write_text(
+        "calls = []\n"
+        "class Upscaler:\n"
+        "    def to(self, *a, **k):\n"
+        "        return self\n"
+        "    def support_latents(self):\n"
+        "        return False\n"
+        "    def upscale(self, vae, images, latents, dtype, width, height, batch_size, vae_batch_size):\n"
+        "        calls.append((len(images), width, height))\n"
+        "        return [im.resize((width, height)) for im in images]\n"
+        "def create_upscaler(**kwargs):\n"
+        "    assert kwargs == {'mode': 'nearest'}, kwargs\n"
+        "    return Upscaler()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (path,) = env.run("--prompt", "a cat", "--highres_fix_scale", "0.5", "--highres_fix_upscaler", "my_upscaler",
+                      "--highres_fix_upscaler_args", "mode=nearest")
+    import my_upscaler
+
+    assert my_upscaler.calls == [(1, 64, 64)] and Image.open(path).size == (64, 64)

@@ -233,6 +233,7 @@ def _read_weights(path: str) -> tuple[Optional[dict], Optional[dict]]:
 class LoadedNetwork:
     request: NetworkRequest
     network: Any
+    pre_calc: bool = False  # folded into the weights per batch (--network_pre_calc)
 
 
 class InferenceNetworks:
@@ -270,19 +271,18 @@ class InferenceNetworks:
             return
         import torch
 
+        folded = [n for n in self.live if n.pre_calc]
         with torch.no_grad():
-            if self.pre_calc:
-                for n in self.live:
-                    n.network.restore_weights()
+            for n in folded:
+                n.network.restore_weights()
             for n, m in zip(self.live, muls):
                 n.network.set_multiplier(m)
-            if self.pre_calc:
-                for n in self.live:
-                    n.network.backup_weights()
-                for n in self.live:
-                    n.network.pre_calculation()
+            for n in folded:
+                n.network.backup_weights()
+            for n in folded:
+                n.network.pre_calculation()
         self._current = muls
-        logger.info("network multipliers: %s%s", ", ".join(f"{m:g}" for m in muls), " (pre-calculated)" if self.pre_calc else "")
+        logger.info("network multipliers: %s%s", ", ".join(f"{m:g}" for m in muls), " (pre-calculated)" if folded else "")
 
 
 def load_networks(requests: list[NetworkRequest], *, vae, text_encoders: list, unet, dtype=None, device=None,
@@ -329,7 +329,7 @@ def load_networks(requests: list[NetworkRequest], *, vae, text_encoders: list, u
             merged.append(LoadedNetwork(req, network))
             logger.info("network %d: %s merged into the model at multiplier %g", req.index + 1, req.weights, req.multiplier)
             continue
-        network.apply_to(te_arg, unet)
+        network.apply_to(te_arg, unet, True, True)
         if hasattr(network, "load_state_dict_checked"):
             info = network.load_state_dict_checked(sd, source=req.weights)
         else:
@@ -345,7 +345,8 @@ def load_networks(requests: list[NetworkRequest], *, vae, text_encoders: list, u
         logger.info("network %d: %s applied (multiplier %g)", req.index + 1, req.weights, req.multiplier)
     if pre_calc:
         for n in live:
-            for name in ("backup_weights", "restore_weights", "pre_calculation"):
-                if not hasattr(n.network, name):
-                    raise UserInputError(f"--network_pre_calc: {n.request.module_name} networks have no {name}()")
+            n.pre_calc = all(hasattr(n.network, f) for f in ("backup_weights", "restore_weights", "pre_calculation"))
+            if not n.pre_calc:
+                logger.warning("--network_pre_calc: %s networks cannot be pre-calculated; network %d stays live",
+                               n.request.module_name, n.request.index + 1)
     return InferenceNetworks(live, merged, pre_calc)
