@@ -10,8 +10,9 @@ encoder is extracted only when some layer differs by more than --min_diff (large
 difference). Factor entries are clamped at their --clamp_quantile quantile; 1 turns the clamp
 off (then the result is the best approximation of that rank of every difference).
 
-SD1.x/2.x models are read with the project's model loader (v1/v2 from the files). --sdxl
-needs the SDXL model stack, which comes with the SDXL scripts.
+SD1.x/2.x models (v1/v2 read from the files) give `lora_unet_*` / `lora_te_*` modules; SDXL
+models (--sdxl) `lora_unet_*` in the LDM naming and `lora_te1_*` / `lora_te2_*`, exactly the
+names networks.lora trains.
 """
 
 from __future__ import annotations
@@ -73,10 +74,9 @@ def main(argv=None):
         raise UserInputError(f"--clamp_quantile {args.clamp_quantile}: expected a value in (0, 1] (1 = no clamping)")
     if args.dim < 1 or (args.conv_dim is not None and args.conv_dim < 1):
         raise UserInputError("--dim / --conv_dim must be at least 1")
-    if args.sdxl:
-        raise UserInputError("--sdxl: SDXL models cannot be loaded yet (the SDXL model stack comes with the SDXL "
-                             "scripts); SD1.x/2.x models work without --sdxl")
-    if args.load_original_model_to or args.load_tuned_model_to:
+    if args.sdxl and args.v2:
+        raise UserInputError("--sdxl and --v2 contradict each other")
+    if not args.sdxl and (args.load_original_model_to or args.load_tuned_model_to):
         logger.warning("--load_original_model_to / --load_tuned_model_to apply to SDXL only; ignored")
     if os.path.samefile(args.model_org, args.model_tuned):
         raise UserInputError("--model_org and --model_tuned are the same file: the difference is zero")
@@ -92,12 +92,19 @@ def main(argv=None):
 
     load_dtype = dtype_from_precision(args.load_precision, "--load_precision")
     save_dtype = dtype_from_precision(args.save_precision or "float")
-    v2_flag = True if args.v2 else None
-    org = load_sd_models(args.model_org, v2=v2_flag, dtype=load_dtype)
-    tuned = load_sd_models(args.model_tuned, v2=v2_flag, dtype=load_dtype)
-    if org.v2 != tuned.v2:
-        raise UserInputError(f"--model_org is {'SD2.x' if org.v2 else 'SD1.x'} but --model_tuned is "
-                             f"{'SD2.x' if tuned.v2 else 'SD1.x'}")
+    if args.sdxl:
+        org, tuned = _load_sdxl(args, load_dtype)
+        family, v2, version = "sdxl", False, "SDXL"
+    else:
+        _refuse_sdxl_without_flag(args)
+        v2_flag = True if args.v2 else None
+        org = load_sd_models(args.model_org, v2=v2_flag, dtype=load_dtype)
+        tuned = load_sd_models(args.model_tuned, v2=v2_flag, dtype=load_dtype)
+        if org.v2 != tuned.v2:
+            raise UserInputError(f"--model_org is {'SD2.x' if org.v2 else 'SD1.x'} but --model_tuned is "
+                                 f"{'SD2.x' if tuned.v2 else 'SD1.x'}")
+        family, v2 = "sd", org.v2
+        version = "SD2.x" if v2 else "SD1.x"
     pairs = sdtools.weight_pairs(org, tuned, conv=args.conv_dim is not None)
 
     te_pairs = [p for p in pairs if p.part == "text_encoder"]
@@ -115,8 +122,8 @@ def main(argv=None):
         pairs = [p for p in pairs if p.part != "text_encoder"]
     res = ops.extract(pairs, args.dim, args.conv_dim, args.clamp_quantile, args.device, total=len(pairs))
 
-    v_param = args.v_parameterization or org.v2
-    info = mdmod.ArchInfo("sd", org.v2, v_param, mdmod.base_model_version("sd", org.v2, v_param))
+    v_param = args.v_parameterization or v2
+    info = mdmod.ArchInfo(family, v2, v_param, mdmod.base_model_version(family, v2, v_param))
     net_args = {"conv_dim": str(args.conv_dim), "conv_alpha": str(float(args.conv_dim))} if args.conv_dim else {}
     md = mdmod.minimum_network_metadata(info, "networks.lora", str(args.dim), str(float(args.dim)), None)
     md["ss_network_args"] = __import__("json").dumps(net_args)
@@ -130,12 +137,46 @@ def main(argv=None):
         f"wrote {args.save_to} ({file_size(args.save_to)}, {str(save_dtype).replace('torch.', '')}): {len(res.modules)} modules "
         f"({te_count} text encoder, {len(res.modules) - te_count} U-Net) at rank {args.dim}"
         + (f", conv rank {args.conv_dim}" if args.conv_dim else ", no 3x3 convolutions"),
-        f"  {'SD2.x' if org.v2 else 'SD1.x'}; text encoder {'included' if use_te else f'skipped (max difference {largest:.3g})'}; "
+        f"  {version}; text encoder {'included' if use_te else f'skipped (max difference {largest:.3g})'}; "
         f"clamp quantile {args.clamp_quantile:g}; SVDs {res.seconds():.1f} s, total {clock.seconds():.1f} s",
         (f"  Frobenius norm of the differences kept: mean {sum(fros) / len(fros):.2%}, lowest {min(fros):.2%}" if fros else
          "  no layers extracted"),
     ])
     return {"result": res, "use_text_encoder": use_te}
+
+
+def _refuse_sdxl_without_flag(args):
+    from library.errors import UserInputError
+    from library.io.checkpoint_io import read_checkpoint_shapes
+    from library.models.sdxl.config import detect_family
+
+    for option, path in (("--model_org", args.model_org), ("--model_tuned", args.model_tuned)):
+        shapes = None if os.path.isdir(path) else read_checkpoint_shapes(path)
+        if shapes is not None and detect_family(shapes) == "sdxl":
+            raise UserInputError(f"{option} {path}: an SDXL checkpoint; add --sdxl")
+
+
+def _load_sdxl(args, dtype):
+    from library.errors import UserInputError
+    from library.models.sdxl.loading import load_sdxl_models
+
+    loaded = []
+    for option, path, device in (("--model_org", args.model_org, args.load_original_model_to),
+                                 ("--model_tuned", args.model_tuned, args.load_tuned_model_to)):
+        if not os.path.isdir(path):
+            from library.io.checkpoint_io import read_checkpoint_shapes
+            from library.models.sdxl.config import detect_family
+
+            shapes = read_checkpoint_shapes(path)
+            if shapes is not None and detect_family(shapes) != "sdxl":
+                raise UserInputError(f"{option} {path}: not an SDXL checkpoint ({detect_family(shapes)}); drop --sdxl")
+        models = load_sdxl_models(path, dtype=dtype)
+        if device:
+            models.unet.to(device)
+            for te in models.text_encoders:
+                te.to(device)
+        loaded.append(models)
+    return loaded
 
 
 if __name__ == "__main__":

@@ -555,3 +555,43 @@ def test_merge_models_weighted_average(tiny_sd, tmp_path):
         tool.main(["--models", model.path, str(b), "--ratios", "1", "--output", str(tmp_path / "x.safetensors")])
     with pytest.raises(UserInputError, match="refusing to overwrite"):
         tool.main(["--models", model.path, str(b), "--output", str(b)])
+
+
+def test_extract_sdxl_recovers_known_deltas(tmp_path):
+    import networks.extract_lora_from_models as tool
+    import networks.lora as lora
+    from library.models.sdxl.saving import save_sdxl_checkpoint
+    from library.models.sdxl.tiny import make_sdxl_models
+
+    models = make_sdxl_models(seed=3)
+    org = tmp_path / "org.safetensors"
+    save_sdxl_checkpoint(models, str(org))
+    net = lora.create_network(1.0, 2, 2.0, None, models.text_encoders, models.unet)
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+    known = tmp_path / "known.safetensors"
+    net.save_weights(str(known), None, {})
+    merger, weights = lora.create_network_from_weights(1.0, str(known), None, models.text_encoders, models.unet,
+                                                       for_inference=True)
+    merger.merge_to(models.text_encoders, models.unet, weights)
+    tuned = tmp_path / "tuned.safetensors"
+    save_sdxl_checkpoint(models, str(tuned))
+
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(UserInputError, match="add --sdxl"):
+        tool.main(["--model_org", str(org), "--model_tuned", str(tuned), "--save_to", str(out)])
+    tool.main(["--model_org", str(org), "--model_tuned", str(tuned), "--save_to", str(out), "--sdxl", "--dim", "2",
+               "--clamp_quantile", "1", "--min_diff", "0.001"])
+    want, got = load_file(str(known)), load_file(str(out))
+    names = {k.split(".")[0] for k in want}
+    assert names == {k.split(".")[0] for k in got}
+    assert any(n.startswith("lora_te1_") for n in names) and any(n.startswith("lora_te2_") for n in names)
+    assert any(n.startswith("lora_unet_input_blocks_") for n in names)
+    worst = max(rel(delta_of(got, n), delta_of(want, n)) for n in names)
+    assert worst < 1e-3, worst
+    with safe_open(str(out), "pt") as f:
+        md = f.metadata()
+    assert md["ss_base_model_version"] == "sdxl_base_v1-0" and md["ss_v2"] == "False"
+    assert md["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"

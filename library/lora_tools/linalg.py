@@ -19,6 +19,7 @@ Each dynamic choice is capped by new_rank and is at least 1.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -28,6 +29,25 @@ DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
 
 # Below this largest singular value a delta is treated as zero (rank 1 of zeros).
 ZERO_SV = 1e-12
+
+
+@contextlib.contextmanager
+def factor_threads(device=None):
+    """One CPU thread for the factor-sized linear algebra of resize / SVD merge.
+
+    The QRs and SVDs there are small (rank ~ tens to hundreds); a thread team gains little on
+    them and, on a machine whose cores are shared, loses a lot: measured on 2 busy cores, a
+    768x64 QR took 1 ms on one thread and 20-200 ms on two. Other devices are left alone.
+    """
+    if device is not None and torch.device(device).type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def svd_of_product(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -107,7 +127,7 @@ def truncate(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> t
     components exist (so a module keeps the rank asked for)."""
     k = min(rank, s.numel())
     up = u[:, :k] * s[:k]
-    down = vh[:k]
+    down = vh[:k].clone()  # a row slice is contiguous and would keep all of vh alive
     if k < rank:
         up = torch.cat([up, up.new_zeros(up.shape[0], rank - k)], 1)
         down = torch.cat([down, down.new_zeros(rank - k, down.shape[1])], 0)

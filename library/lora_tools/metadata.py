@@ -154,19 +154,22 @@ def network_args_with_conv(existing: str | None, conv_dim, conv_alpha) -> str | 
 
 
 def save_lora(modules, path: str, dtype=None, metadata: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Write modules as a kohya LoRA (atomic; safetensors gets metadata and fresh sshs_*
-    hashes computed on the tensors in `dtype`). Returns the metadata written."""
+    """Write modules as a kohya LoRA, atomically. A .safetensors file gets the metadata and
+    fresh sshs_* hashes computed on the tensors in `dtype` (written without extra in-memory
+    copies); other extensions are torch.save'd (no metadata). Returns the metadata written."""
     from library.io.safetensors_io import is_safetensors_path
     from library.lora_tools.lorafile import to_state_dict
-    from library.networks.weights_io import save_weights_file
+    from library.lora_tools.tensors import save_with_sshs
 
     sd = to_state_dict(modules, dtype)
     md = without_hashes(metadata or {})
-    save_weights_file(sd, path, None, md)
     if is_safetensors_path(path):
-        from library.io.safetensors_io import read_metadata
+        written = save_with_sshs(sd, path, md)
+        logger.info("saved %s (%d tensors)", path, len(sd))
+        return written
+    from library.networks.weights_io import save_weights_file
 
-        return read_metadata(path)
+    save_weights_file(sd, path, None, None)
     return {}
 
 

@@ -92,7 +92,7 @@ def resize(lora: LoraFile, new_rank: int, new_conv_rank: int | None = None, meth
     check_dynamic(method, param)
     conv_rank = new_rank if new_conv_rank is None else new_conv_rank
     res = Result()
-    with torch.no_grad():
+    with torch.no_grad(), linalg.factor_threads(device):
         for m in progress_bar(list(lora.modules.values()), desc="resizing", enabled=show_progress):
             t0 = time.perf_counter()
             a = m.up.to(device=device, dtype=torch.float32).reshape(m.out_features, m.rank)
@@ -162,7 +162,7 @@ def svd_merge(loras: Sequence[LoraFile], weights_for: Callable[[int, str], float
     conv_rank = new_rank if new_conv_rank is None else new_conv_rank
     res = Result()
     names = _module_order(loras)
-    with torch.no_grad():
+    with torch.no_grad(), linalg.factor_threads(device):
         for name in progress_bar(names, desc="svd merge", enabled=show_progress):
             t0 = time.perf_counter()
             contribs = _contributions(loras, weights_for, name)

@@ -1,8 +1,10 @@
-"""The SD1.x/2.x model side of the LoRA tools.
+"""The model side of the LoRA tools for U-Net models: SD1.x/2.x and SDXL.
 
-A loaded checkpoint (library.models.sd.loading.SDModels) exposes its adaptable layers under
-their kohya LoRA names through library.networks.discovery, the same discovery the trainer
-uses, so names always agree with the files our trainer (and sd-scripts) writes. Here:
+A loaded checkpoint (library.models.sd.loading.SDModels, library.models.sdxl.loading.SDXLModels)
+exposes its adaptable layers under their kohya LoRA names through library.networks.discovery,
+the same discovery the trainer uses, so names always agree with the files our trainer (and
+sd-scripts) writes: `lora_unet_...`, `lora_te_...` (one text encoder) or `lora_te1_...` /
+`lora_te2_...` (SDXL). Here:
 
 * `model_layers`      -- {lora name: Target} of the U-Net and text encoder;
 * `check_against`     -- every module of a LoRA must name a layer of the model and fit its
@@ -29,21 +31,30 @@ from library.networks import discovery as disc
 logger = logging.getLogger(__name__)
 
 
-def model_layers(models, conv: bool = True, text_encoder: bool = True, unet: bool = True) -> dict[str, tuple[str, disc.Target]]:
+def text_encoders_of(models) -> list:
+    """The text encoder(s) of an SDModels (one) or SDXLModels (two)."""
+    if hasattr(models, "text_encoders"):
+        return list(models.text_encoders)
+    return [models.text_encoder]
+
+
+def model_layers(models, conv: bool = True) -> dict[str, tuple[str, disc.Target]]:
     """{lora name: (part, target)} for the U-Net (attention blocks; with `conv` also the ResNet
-    blocks and samplers, 3x3 convolutions included) and the text encoder."""
+    blocks and samplers, 3x3 convolutions included) and the text encoder(s)."""
     unet_containers = list(disc.UNET_ATTENTION_CONTAINERS) + (list(disc.UNET_CONV_CONTAINERS) if conv else [])
     kinds_unet = ("linear", "conv1x1", "conv") if conv else ("linear", "conv1x1")
     out = {}
     for part, _idx, target in disc.iter_model_targets(
-        models.unet if unet else None, [models.text_encoder] if text_encoder else [], unet_containers,
-        disc.TEXT_ENCODER_CONTAINERS, kinds_unet, ("linear", "conv1x1"),
+        models.unet, text_encoders_of(models), unet_containers, disc.TEXT_ENCODER_CONTAINERS, kinds_unet,
+        ("linear", "conv1x1"),
     ):
         out[target.name] = (part, target)
     return out
 
 
 def _version(models) -> str:
+    if hasattr(models, "text_encoders"):
+        return "SDXL"
     return "SD2.x" if models.v2 else "SD1.x"
 
 
@@ -61,7 +72,7 @@ def check_against(lora: LoraFile, layers: dict[str, tuple[str, disc.Target]], mo
     if not missing and not wrong:
         return
     family = lora.family
-    if family not in ("sd", "unknown"):
+    if family not in ("sdxl" if hasattr(models, "text_encoders") else "sd", "unknown"):
         raise UserInputError(f"{what} {lora.path}: a LoRA for {family_label(family)} (by its key names) cannot be "
                              f"merged into the {_version(models)} model")
     parts = []

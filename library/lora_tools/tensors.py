@@ -10,6 +10,9 @@ are loaded whole.
 `StreamingSafetensorsWriter` writes a valid .safetensors file whose header (names, dtypes,
 shapes) is known in advance, taking the tensors one by one in that order; the file goes to a
 temporary name and replaces the target only when complete.
+
+`save_with_sshs` writes tensors with the `sshs_*` hashes (formats.md b.1) without the two
+full in-memory serialisations that hashing through `safetensors.torch.save` costs.
 """
 
 from __future__ import annotations
@@ -195,3 +198,70 @@ class StreamingSafetensorsWriter:
             return False
         self._ctx.__exit__(exc_type, exc, tb)  # removes the temporary file
         raise exc
+
+
+def _write_header(f, header: dict) -> None:
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+
+
+def save_with_sshs(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                   metadata: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Write `tensors` to a .safetensors file with `metadata` plus sshs_model_hash /
+    sshs_legacy_hash; atomic. Returns the metadata written.
+
+    The hashes are defined on the serialisation made with only the `ss_*` metadata. That
+    serialisation is written to a temporary file by safetensors itself (which streams from the
+    tensors' memory), hashed from disk, and the final file is that file's data section under a
+    header carrying the full metadata. Memory: the tensors, nothing more.
+    """
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from library.io.atomic import atomic_output
+    from library.io.hashing import CHUNK, LEGACY_OFFSET, LEGACY_SIZE, ss_only
+
+    path = os.fspath(path)
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".sshs-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file(clean, tmp, metadata=ss_only(meta) or None)
+        import hashlib
+
+        with open(tmp, "rb") as f:
+            head = f.read(8)
+            (n,) = struct.unpack("<Q", head)
+            header = json.loads(f.read(n))
+            f.seek(LEGACY_OFFSET)
+            legacy = hashlib.sha256(f.read(LEGACY_SIZE)).hexdigest()[:8]
+            f.seek(8 + n)
+            h = hashlib.sha256()
+            while True:
+                chunk = f.read(CHUNK)
+                if not chunk:
+                    break
+                h.update(chunk)
+            meta["sshs_model_hash"] = h.hexdigest()
+            meta["sshs_legacy_hash"] = legacy
+            header["__metadata__"] = meta
+            with atomic_output(path) as out_tmp:
+                with open(out_tmp, "wb") as out:
+                    _write_header(out, header)
+                    f.seek(8 + n)
+                    shutil.copyfileobj(f, out, CHUNK)
+                    out.flush()
+                    os.fsync(out.fileno())
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+    return meta
