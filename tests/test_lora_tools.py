@@ -384,6 +384,7 @@ def test_merged_checkpoint_equals_diffusers_fuse_lora(tiny_sd, tmp_path):
     theirs = _outputs(pipe.text_encoder, pipe.unet)
     for what, o, t, b in zip(("text encoder", "U-Net"), ours, theirs, before):
         assert float((t - b).abs().max()) > 1e-2, f"{what}: the LoRA changes nothing"
+        print(f"{what}: max |ours - diffusers fused| = {float((o - t).abs().max()):.3g}")
         assert float((o - t).abs().max()) < 1e-4, what
     with safe_open(str(out), "pt") as f:
         md = f.metadata()
@@ -456,6 +457,7 @@ def test_extract_recovers_known_low_rank_deltas(tiny_sd, tmp_path):
     names = {k.split(".")[0] for k in want}
     assert names == {k.split(".")[0] for k in got}
     worst = max(rel(delta_of(got, n), delta_of(want, n)) for n in names)
+    print(f"SD1 extraction: worst relative error of a recovered delta {worst:.3g}")
     assert worst < 1e-3, worst
     with safe_open(str(out), "pt") as f:
         md = f.metadata()
@@ -590,8 +592,40 @@ def test_extract_sdxl_recovers_known_deltas(tmp_path):
     assert any(n.startswith("lora_te1_") for n in names) and any(n.startswith("lora_te2_") for n in names)
     assert any(n.startswith("lora_unet_input_blocks_") for n in names)
     worst = max(rel(delta_of(got, n), delta_of(want, n)) for n in names)
+    print(f"SDXL extraction: worst relative error of a recovered delta {worst:.3g}")
     assert worst < 1e-3, worst
     with safe_open(str(out), "pt") as f:
         md = f.metadata()
     assert md["ss_base_model_version"] == "sdxl_base_v1-0" and md["ss_v2"] == "False"
     assert md["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+
+
+SPEC_OPTIONS = {  # cli-options.md sections 7-8: every option, with the defaults that matter
+    "networks/merge_lora.py": {"v2": False, "save_precision": None, "precision": "float", "sd_model": None, "save_to": None,
+                               "models": None, "ratios": None, "no_metadata": False, "concat": False, "shuffle": False},
+    "networks/svd_merge_lora.py": {"save_precision": None, "precision": "float", "save_to": None, "models": None,
+                                   "ratios": None, "lbws": None, "new_rank": 4, "new_conv_rank": None, "device": None,
+                                   "no_metadata": False},
+    "networks/resize_lora.py": {"save_precision": None, "new_rank": 4, "new_conv_rank": None, "save_to": None, "model": None,
+                                "device": None, "verbose": False, "dynamic_method": None, "dynamic_param": None},
+    "networks/extract_lora_from_models.py": {
+        "v2": False, "v_parameterization": False, "sdxl": False, "load_precision": None, "save_precision": None,
+        "model_org": None, "model_tuned": None, "save_to": None, "dim": 4, "conv_dim": None, "device": None,
+        "clamp_quantile": 0.99, "min_diff": 0.01, "no_metadata": False, "load_original_model_to": None,
+        "load_tuned_model_to": None},
+    "networks/extract_lora_from_dylora.py": {"unit": None, "save_to": None, "model": None},
+    "networks/check_lora_weights.py": {"file": None, "show_all_keys": False},
+    "tools/merge_models.py": {"models": None, "output": None, "ratios": None, "unet_only": False, "device": "cpu",
+                              "precision": "float", "saving_precision": "float", "show_skipped": False},
+}
+
+
+@pytest.mark.parametrize("script", list(SPEC_OPTIONS))
+def test_every_spec_option_with_its_default(script):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tool_" + os.path.basename(script)[:-3], os.path.join(ROOT, script))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    actions = [a for a in mod.setup_parser()._actions if a.dest != "help"]
+    assert {a.dest: a.default for a in actions} == SPEC_OPTIONS[script]
