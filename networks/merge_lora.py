@@ -59,10 +59,10 @@ def _merge_into_model(args, loras, ratios, logger):
     merge_dtype = dtype_from_precision(args.precision, "--precision")
     save_dtype = dtype_from_precision(args.save_precision) or merge_dtype
     models = load_sd_models(args.sd_model, v2=True if args.v2 else None, dtype=merge_dtype)
-    layers = sdtools.model_layers(models, conv=True)
+    layers = sdtools.all_layers(models)
     for lf in loras:
         sdtools.check_against(lf, layers, models)
-    merged = sdtools.merge_into(models, list(zip(loras, ratios)))
+    merged, _direct = sdtools.merge_into(models, list(zip(loras, ratios)))
 
     md = None
     if not args.no_metadata:

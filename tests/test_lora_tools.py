@@ -629,3 +629,27 @@ def test_every_spec_option_with_its_default(script):
     spec.loader.exec_module(mod)
     actions = [a for a in mod.setup_parser()._actions if a.dest != "help"]
     assert {a.dest: a.default for a in actions} == SPEC_OPTIONS[script]
+
+
+def test_merge_into_checkpoint_takes_layers_outside_networks_lora(tiny_sd, tmp_path):
+    """Kohya-format LoRAs from other trainers (LyCORIS LoCon) also adapt conv_in, the time
+    embedding, ...: those modules are merged directly as W + ratio * delta."""
+    import networks.merge_lora as tool
+    from library.models.sd.loading import load_sd_models
+
+    model = tiny_sd("sd1")
+    base = load_sd_models(model.path)
+    names = {"lora_unet_conv_in": tuple(base.unet.conv_in.weight.shape),
+             "lora_unet_time_embedding_linear_1": tuple(base.unet.time_embedding.linear_1.weight.shape),
+             ATTN: tuple(base.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight.shape)}
+    path = tmp_path / "locon.safetensors"
+    sd = make_lora(path, {n: 2 for n in names}, {n: 1.0 for n in names}, names=list(names), shapes=names, seed=9)
+    out = tmp_path / "merged.safetensors"
+    tool.main(["--sd_model", model.path, "--models", str(path), "--ratios", "-0.6", "--save_to", str(out)])
+    merged = load_sd_models(str(out))
+    pairs = [(base.unet.conv_in, merged.unet.conv_in, "lora_unet_conv_in"),
+             (base.unet.time_embedding.linear_1, merged.unet.time_embedding.linear_1, "lora_unet_time_embedding_linear_1"),
+             (base.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q,
+              merged.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q, ATTN)]
+    for before, after, name in pairs:
+        assert rel(after.weight.detach() - before.weight.detach(), delta_of(sd, name, -0.6)) < REL, name

@@ -52,6 +52,24 @@ def model_layers(models, conv: bool = True) -> dict[str, tuple[str, disc.Target]
     return out
 
 
+def all_layers(models) -> dict[str, tuple[str, disc.Target]]:
+    """Every Linear / Conv2d of the U-Net and text encoder(s) under its LoRA name, the layers
+    networks.lora trains and the others (conv_in, time embedding, ...), which LoRAs in kohya
+    format from other trainers (e.g. LyCORIS LoCon) also adapt."""
+    out = {}
+    tes = text_encoders_of(models)
+    parts = [(p, te, "text_encoder") for p, te in zip(disc.text_encoder_prefixes(len(tes)), tes)]
+    for prefix, model, part in parts + [(disc.PREFIX_UNET, models.unet, "unet")]:
+        root = disc.canonical_root(model)
+        for path, module in model.named_modules():
+            kind = disc.layer_kind(module)
+            if kind is None or not path:
+                continue
+            name = disc.key_name(prefix, root + path)
+            out[name] = (part, disc.Target(name, root + path, module, kind, type(module).__name__))
+    return out
+
+
 def _version(models) -> str:
     if hasattr(models, "text_encoders"):
         return "SDXL"
@@ -87,26 +105,43 @@ def check_against(lora: LoraFile, layers: dict[str, tuple[str, disc.Target]], mo
     raise UserInputError(f"{what} {lora.path}: " + "; ".join(parts) + hint)
 
 
-def merge_into(models, loras: Sequence[tuple[LoraFile, float]], device=None, show_progress: bool = True) -> int:
-    """Fold each (LoRA, ratio) into the model's layers in place, with networks.lora's merge
-    (float32 arithmetic, result in each layer's dtype). Returns the number of modules merged.
-    Call check_against first."""
+def merge_into(models, loras: Sequence[tuple[LoraFile, float]], device=None, show_progress: bool = True) -> tuple[int, int]:
+    """Fold each (LoRA, ratio) into the model's layers in place; call check_against (with
+    all_layers) first. Modules on layers networks.lora trains are merged by networks.lora's own
+    merge; modules on other layers (conv_in, ...) get W += ratio * delta directly. Both compute
+    in float32 and store in the layer's dtype. Returns (modules merged, of which direct)."""
     import networks.lora as lora_net
     from library.networks.network import split_by_module
 
-    merged = 0
+    trained = model_layers(models, conv=True)
+    everything = None
+    merged = direct = 0
+    tes = text_encoders_of(models)
     for lf, ratio in loras:
-        weights = to_state_dict(lf.modules)
-        net, _ = lora_net.create_network_from_weights(ratio, None, None, models.text_encoder, models.unet,
-                                                      weights_sd=weights, for_inference=True)
-        per_module = split_by_module(weights)
+        own = [m for name, m in lf.modules.items() if name in trained]
+        other = [m for name, m in lf.modules.items() if name not in trained]
         with torch.no_grad():
-            for m in progress_bar(net.all_loras, desc=f"merging {lf.title}", enabled=show_progress):
-                m.load_state_dict(per_module[m.lora_name], strict=False)
-                m.merge_into_layer(ratio, None, device)
-                merged += 1
-        del net, weights
-    return merged
+            if own:
+                weights = to_state_dict(own)
+                net, _ = lora_net.create_network_from_weights(ratio, None, None, tes if len(tes) > 1 else tes[0],
+                                                              models.unet, weights_sd=weights, for_inference=True)
+                per_module = split_by_module(weights)
+                for m in progress_bar(net.all_loras, desc=f"merging {lf.title}", enabled=show_progress):
+                    m.load_state_dict(per_module[m.lora_name], strict=False)
+                    m.merge_into_layer(ratio, None, device)
+                    merged += 1
+                del net, weights
+            if other:
+                everything = everything or all_layers(models)
+                for m in other:
+                    w = everything[m.name][1].module.weight
+                    dev = device or w.device
+                    w.copy_((w.detach().to(dev, torch.float32) + m.delta(ratio, dev)).to(w.device, w.dtype))
+                    merged += 1
+                    direct += 1
+                logger.info("%s: %d modules on layers outside networks.lora's (e.g. %s) merged directly", lf.path,
+                            len(other), other[0].name)
+    return merged, direct
 
 
 def weight_pairs(org_models, tuned_models, conv: bool) -> list[WeightPair]:
