@@ -653,3 +653,37 @@ def test_merge_into_checkpoint_takes_layers_outside_networks_lora(tiny_sd, tmp_p
               merged.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q, ATTN)]
     for before, after, name in pairs:
         assert rel(after.weight.detach() - before.weight.detach(), delta_of(sd, name, -0.6)) < REL, name
+
+
+def test_streaming_writer_and_on_demand_reader(tmp_path):
+    from library.lora_tools.tensors import StreamingSafetensorsWriter, TensorFile, save_with_sshs
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=g).to(torch.bfloat16), "b": torch.randn(7, generator=g).half(),
+               "c": torch.arange(6).reshape(2, 3), "d": torch.tensor(2.5), "e": torch.zeros(0, 4)}
+    path = tmp_path / "s.safetensors"
+    specs = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    with StreamingSafetensorsWriter(path, specs, {"x": "1"}) as w:
+        for k, v in tensors.items():
+            w.write(k, v)
+    back = load_file(str(path))
+    with TensorFile(path) as tf:
+        assert tf.metadata == {"x": "1"}
+        for k, v in tensors.items():
+            assert torch.equal(back[k], v) and torch.equal(tf.get(k), v) and tf.dtype(k) == v.dtype
+    # an interrupted write leaves nothing behind, the old file stays
+    before = file_digest(path)
+    with pytest.raises(RuntimeError, match="only 1 of 5"):
+        with StreamingSafetensorsWriter(path, specs) as w:
+            w.write("a", tensors["a"])
+    assert file_digest(path) == before and os.listdir(tmp_path) == ["s.safetensors"]
+    # hashes written without in-memory serialisations equal the reference definition
+    md = save_with_sshs({k: v for k, v in tensors.items() if k != "e"}, tmp_path / "h.safetensors", {"ss_a": "1", "z": "2"})
+    assert (md["sshs_model_hash"], md["sshs_legacy_hash"]) == sshs_hashes({k: v for k, v in tensors.items() if k != "e"},
+                                                                          {"ss_a": "1", "z": "2"})
+    assert_fresh_hashes(tmp_path / "h.safetensors")
+    big = {"w": torch.randn(700, 1000, generator=g), "v": torch.randn(3, generator=g).half()}  # > 1 MiB: real legacy hash
+    md = save_with_sshs(big, tmp_path / "big.safetensors", {"ss_network_dim": "4"})
+    assert (md["sshs_model_hash"], md["sshs_legacy_hash"]) == sshs_hashes(big, {"ss_network_dim": "4"})
+    assert md["sshs_legacy_hash"] != hashlib.sha256(b"").hexdigest()[:8]
+    assert sorted(os.listdir(tmp_path)) == ["big.safetensors", "h.safetensors", "s.safetensors"]
