@@ -515,7 +515,6 @@ def test_check_lora_weights_reports_untrained_modules(tmp_path, capsys):
 
 # -- model merge ---------------------------------------------------------------------------
 def test_merge_models_weighted_average(tiny_sd, tmp_path):
-    import networks  # noqa: F401
     from library.models.sd.loading import load_sd_models
     from library.models.sd.saving import save_ldm_checkpoint
 
