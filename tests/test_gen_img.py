@@ -551,3 +551,32 @@ def test_prompter_module_and_upscaler_module(env, tmp_path, monkeypatch):
     import my_upscaler
 
     assert my_upscaler.calls == [(1, 64, 64)] and Image.open(path).size == (64, 64)
+
+
+def test_diffusers_lora_key_layouts_convert_to_kohya_names():
+    from library.inference.network_loading import convert_diffusers_lora, is_diffusers_lora
+
+    t = torch.zeros
+    sd = {
+        "unet.mid_block.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.down.weight": t(4, 8),
+        "unet.mid_block.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight": t(8, 4),
+        "unet.down_blocks.0.resnets.0.conv1.lora.down.weight": t(2, 8, 3, 3),
+        "unet.down_blocks.0.resnets.0.conv1.lora.up.weight": t(8, 2, 1, 1),
+        "text_encoder.text_model.encoder.layers.0.self_attn.to_k_lora.down.weight": t(4, 8),
+        "text_encoder.text_model.encoder.layers.0.self_attn.to_k_lora.up.weight": t(8, 4),
+        "text_encoder.encoder.layers.1.mlp.fc1.lora_A.weight": t(3, 8),
+        "text_encoder.encoder.layers.1.mlp.fc1.lora_B.weight": t(8, 3),
+        "text_encoder.encoder.layers.1.mlp.fc1.alpha": torch.tensor(1.5),
+    }
+    assert is_diffusers_lora(list(sd)) and not is_diffusers_lora(["lora_unet_x.lora_down.weight"])
+    meta = {"lora_adapter_metadata": '{"unet.lora_alpha": 2, "unet.alpha_pattern": {"conv1": 1}}'}
+    out = convert_diffusers_lora(sd, meta)
+    att = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_out_0"
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+    k_proj = "lora_te_text_model_encoder_layers_0_self_attn_k_proj"
+    fc1 = "lora_te_text_model_encoder_layers_1_mlp_fc1"
+    assert set(out) == {f"{n}.{s}" for n in (att, conv, k_proj, fc1) for s in ("lora_down.weight", "lora_up.weight", "alpha")}
+    assert float(out[f"{att}.alpha"]) == 2.0  # lora_alpha from the metadata
+    assert float(out[f"{conv}.alpha"]) == 1.0  # alpha_pattern
+    assert float(out[f"{k_proj}.alpha"]) == 4.0  # no alpha for text_encoder: alpha = rank (scale 1)
+    assert float(out[f"{fc1}.alpha"]) == 1.5  # stored alpha
