@@ -6,7 +6,7 @@
 Every option and the prompt syntax: docs/generation.md (and `--help`).
 """
 
-from library.args.gen_img_args import gen_img_parser as setup_parser
+from library.args.gen_img_args import gen_img_parser as setup_parser  # noqa: F401  (the parser, for tools)
 
 
 def main(argv=None):

@@ -37,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from library.errors import UserInputError
 from library.inference import gen_img_output as out
@@ -524,8 +524,6 @@ class Generator:
     """Turns prompt entries into jobs, batches and saved images."""
 
     def __init__(self, args, pipe: GenerationPipeline, init_images=None, masks=None):
-        import torch  # noqa: F401  (the pipeline is loaded, torch is too)
-
         self.args = args
         self.pipe = pipe
         self.init_images = init_images
