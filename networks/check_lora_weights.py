@@ -35,7 +35,7 @@ def main(argv=None):
     from library.errors import UserInputError
     from library.lora_tools import arch
     from library.lora_tools.lorafile import parse_modules
-    from library.lora_tools.tensors import TensorFile
+    from library.io.tensor_files import TensorFile
 
     src = TensorFile(args.file, "file")
     try:

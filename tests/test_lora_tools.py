@@ -655,7 +655,7 @@ def test_merge_into_checkpoint_takes_layers_outside_networks_lora(tiny_sd, tmp_p
 
 
 def test_streaming_writer_and_on_demand_reader(tmp_path):
-    from library.lora_tools.tensors import StreamingSafetensorsWriter, TensorFile, save_with_sshs
+    from library.io.tensor_files import StreamingSafetensorsWriter, TensorFile, save_with_sshs
 
     g = torch.Generator().manual_seed(0)
     tensors = {"a": torch.randn(3, 5, generator=g).to(torch.bfloat16), "b": torch.randn(7, generator=g).half(),

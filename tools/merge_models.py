@@ -83,7 +83,7 @@ def main(argv=None):
 
     from library.io import modelspec
     from library.lora_tools.cli import progress
-    from library.lora_tools.tensors import StreamingSafetensorsWriter, TensorFile
+    from library.io.tensor_files import StreamingSafetensorsWriter, TensorFile
     from library.models.dtypes import dtype_from_precision
     from library.models.sd.config import normalize_clip_keys
 

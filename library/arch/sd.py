@@ -31,7 +31,7 @@ class SDArchitecture:
         return cls(bool(getattr(args, "v2", False)), bool(getattr(args, "v_parameterization", False)))
 
     # ------------------------------------------------------------------ models
-    def load_models(self, args, dtype=None):
+    def load_models(self, args, dtype=None, vae_dtype=None):
         """Text encoder, VAE and U-Net from --pretrained_model_name_or_path (and --vae)."""
         from library.errors import UserInputError
         from library.models.sd.loading import load_sd_models
@@ -42,7 +42,7 @@ class SDArchitecture:
         models = load_sd_models(
             path, v2=self.v2 if getattr(args, "v2", False) else None, v_parameterization=self.v_parameterization,
             vae_path=getattr(args, "vae", None), dtype=dtype,
-            mmap=not getattr(args, "disable_mmap_load_safetensors", False),
+            mmap=not getattr(args, "disable_mmap_load_safetensors", False), vae_dtype=vae_dtype,
         )
         self.v2 = models.v2
         return models

@@ -98,13 +98,13 @@ class SDXLArchitecture(SDArchitecture):
         return cls(False, bool(getattr(args, "v_parameterization", False)))
 
     # ------------------------------------------------------------------ models
-    def load_models(self, args, dtype=None):
+    def load_models(self, args, dtype=None, vae_dtype=None):
         """SDXLModels (two text encoders, VAE, U-Net) from --pretrained_model_name_or_path and --vae."""
         from library.models.sdxl.loading import load_sdxl_models
 
         return load_sdxl_models(
             getattr(args, "pretrained_model_name_or_path", None), vae_path=getattr(args, "vae", None), dtype=dtype,
-            mmap=not getattr(args, "disable_mmap_load_safetensors", False),
+            mmap=not getattr(args, "disable_mmap_load_safetensors", False), vae_dtype=vae_dtype,
         )
 
     def load_tokenizers(self, args) -> list:

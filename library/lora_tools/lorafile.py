@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from library.errors import UserInputError
-from library.lora_tools.tensors import TensorFile
+from library.io.tensor_files import TensorFile
 from library.networks.modules import low_rank_product
 
 DOWN = "lora_down.weight"

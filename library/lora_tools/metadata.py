@@ -159,7 +159,7 @@ def save_lora(modules, path: str, dtype=None, metadata: Mapping[str, str] | None
     copies); other extensions are torch.save'd (no metadata). Returns the metadata written."""
     from library.io.safetensors_io import is_safetensors_path
     from library.lora_tools.lorafile import to_state_dict
-    from library.lora_tools.tensors import save_with_sshs
+    from library.io.tensor_files import save_with_sshs
 
     sd = to_state_dict(modules, dtype)
     md = without_hashes(metadata or {})

@@ -131,7 +131,8 @@ class NetworkTrainer:
 
         # models
         t0 = time.time()
-        models = arch.load_models(args, dtype=None)
+        # converted while reading, one tensor at a time: no second full-precision copy
+        models = arch.load_models(args, dtype=weight_dtype, vae_dtype=torch.float32 if args.no_half_vae else weight_dtype)
         text_encoders = [models.text_encoder]
         vae, unet = models.vae, models.unet
         logger.info("models loaded in %.1f s", time.time() - t0)

@@ -43,24 +43,31 @@ class SDModels:
 
 
 class _TensorSource:
-    """Uniform, lazy access to a checkpoint's tensors by key."""
+    """Uniform, lazy access to a checkpoint's tensors by key.
+
+    A safetensors file is read tensor by tensor into private memory (`TensorFile`), not
+    memory-mapped: pages a map has touched stay counted in resident memory until it closes,
+    so a map would hold the whole file on top of the models built from it. With
+    `mmap=False` (`--disable_mmap_load_safetensors`) the file is read whole at once.
+    """
 
     def __init__(self, path: str, mmap: bool):
         self.path = path
-        self._handle = None
+        self._file = None
         self._sd = None
         self.metadata: dict = {}
         self.epoch = self.global_step = 0
         if safetensors_io.is_safetensors_path(path):
-            header = safetensors_io.read_header(path)
-            self.shapes = header.shapes()
-            self.metadata = header.metadata
             if mmap:
-                from safetensors import safe_open
+                from library.io.tensor_files import TensorFile
 
-                self._handle = safe_open(path, framework="pt", device="cpu")
+                self._file = TensorFile(path, "checkpoint")
+                self.metadata = self._file.metadata
+                self.shapes = {k: self._file.shape(k) for k in self._file.keys()}
             else:
+                self.metadata = safetensors_io.read_metadata(path)
                 self._sd = safetensors_io.load_state_dict(path, mmap=False)
+                self.shapes = {k: tuple(v.shape) for k, v in self._sd.items()}
         else:
             ckpt = checkpoint_io.load_checkpoint(path)
             self._sd = ckpt.state_dict
@@ -73,15 +80,20 @@ class _TensorSource:
             self.shapes = {new: self.shapes[old] for new, old in normalized.items()}
         self.used: set[str] = set()
 
-    def get(self, key: str):
+    def get(self, key: str, dtype=None):
+        """The tensor; floating tensors converted to `dtype` at once (one tensor's copy at a time)."""
         self.used.add(key)
         stored = self._rename.get(key, key)
-        if self._handle is not None:
-            return self._handle.get_tensor(stored)
-        return self._sd[stored]
+        t = self._file.get(stored) if self._file is not None else self._sd[stored]
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
     def unused(self) -> dict:
         return {k: self.get(k) for k in list(self.shapes) if k not in self.used}
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._sd = None
 
 
 def _assign(model, state_dict: dict, dtype, what: str, path: str):
@@ -114,7 +126,7 @@ def _load_ldm_part(src: _TensorSource, model, pairs, prefix: str, dtype, what: s
     missing = [m.ldm_key for m in mapping.values() if m.ldm_key not in src.shapes]
     if missing:
         raise UserInputError(f"{src.path}: {what} is missing {len(missing)} tensors, e.g. '{missing[0]}'")
-    sd = {k: to_diffusers_tensor(src.get(m.ldm_key), m) for k, m in mapping.items()}
+    sd = {k: to_diffusers_tensor(src.get(m.ldm_key, dtype), m) for k, m in mapping.items()}
     _check_shapes(model, sd, what, src.path)
     _assign(model, sd, dtype, what, src.path)
 
@@ -139,14 +151,14 @@ def load_text_encoder(src: _TensorSource, config: cfgmod.SDModelConfig, dtype):
         missing = [k for k in needed if cfgmod.OPENCLIP_PREFIX + k not in src.shapes]
         if missing:
             raise UserInputError(f"{src.path}: OpenCLIP text encoder is missing '{cfgmod.OPENCLIP_PREFIX + missing[0]}'")
-        sd = clip_naming.to_model_keys(te, openclip_to_hf(lambda k: src.get(cfgmod.OPENCLIP_PREFIX + k), layers))
+        sd = clip_naming.to_model_keys(te, openclip_to_hf(lambda k: src.get(cfgmod.OPENCLIP_PREFIX + k, dtype), layers))
     else:
         prefix = cfgmod.CLIP_PREFIX
         wanted = clip_naming.canonical_keys(te)
         missing = [k for k in wanted if prefix + k not in src.shapes]
         if missing:
             raise UserInputError(f"{src.path}: text encoder is missing '{prefix + missing[0]}'")
-        sd = {k: src.get(prefix + k) for k in wanted}
+        sd = {k: src.get(prefix + k, dtype) for k in wanted}
     sd = clip_naming.to_model_keys(te, sd)
     _check_shapes(te, sd, "text encoder", src.path)
     _assign(te, sd, dtype, "text encoder", src.path)
@@ -171,6 +183,7 @@ def load_vae(path: str, dtype=None, mmap: bool = True):
     vae_cfg = cfgmod.infer_vae_config(src.shapes, path, prefix)
     vae = _build_empty(lambda: AutoencoderKL(**vae_cfg))
     _load_ldm_part(src, vae, vae_module_pairs(vae_cfg), prefix, _dtype_of(dtype), "VAE")
+    src.close()
     logger.info("loaded VAE from %s (latent channels %d)", path, vae_cfg["latent_channels"])
     return vae
 
@@ -182,18 +195,21 @@ def load_sd_models(
     vae_path: str | None = None,
     dtype=None,
     mmap: bool = True,
+    vae_dtype=None,
 ) -> SDModels:
     """Load text encoder, VAE and U-Net of an SD1.x/2.x model.
 
     `path` is an LDM single file or a diffusers folder. `v2` None means "infer from the
     file"; a flag that contradicts the file is reported and the file wins. `dtype` None
-    keeps the stored precision (no copy); otherwise floating tensors are converted.
+    keeps the stored precision (no copy); otherwise floating tensors are converted, one
+    tensor at a time. `vae_dtype` (default: `dtype`) is the VAE's.
     """
     dtype = _dtype_of(dtype)
+    vae_dtype = dtype if vae_dtype is None else _dtype_of(vae_dtype)
     if not os.path.exists(path):
         raise UserInputError(f"--pretrained_model_name_or_path {path}: file or folder not found")
     if os.path.isdir(path):
-        models = _load_diffusers_folder(path, dtype)
+        models = _load_diffusers_folder(path, dtype, vae_dtype)
     else:
         src = _TensorSource(path, mmap)
         config = cfgmod.infer_sd_config(src.shapes, path, v2, v_parameterization)
@@ -209,21 +225,22 @@ def load_sd_models(
             from diffusers import AutoencoderKL
 
             vae = _build_empty(lambda: AutoencoderKL(**config.vae))
-            _load_ldm_part(src, vae, vae_module_pairs(config.vae), cfgmod.VAE_PREFIX, dtype, "VAE")
+            _load_ldm_part(src, vae, vae_module_pairs(config.vae), cfgmod.VAE_PREFIX, vae_dtype, "VAE")
         else:
             vae = None
         models = SDModels(te, vae, unet, config.v2, path, "ldm", src.unused(), src.epoch, src.global_step)
+        src.close()
         logger.info(
             "loaded %s checkpoint %s: U-Net widths %s, %d text-encoder layers (width %d), %d unused tensors kept",
             config.version_name, path, config.unet["block_out_channels"], config.text_encoder["num_hidden_layers"],
             config.text_encoder["hidden_size"], len(models.unused_tensors),
         )
     if vae_path is not None:
-        models.vae = load_vae(vae_path, dtype, mmap)
+        models.vae = load_vae(vae_path, vae_dtype, mmap)
     return models
 
 
-def _load_diffusers_folder(path: str, dtype) -> SDModels:
+def _load_diffusers_folder(path: str, dtype, vae_dtype=None) -> SDModels:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -231,7 +248,7 @@ def _load_diffusers_folder(path: str, dtype) -> SDModels:
         if not os.path.exists(os.path.join(path, sub, "config.json")):
             raise UserInputError(f"{path}: not a diffusers Stable Diffusion folder (missing {sub}/config.json)")
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype if vae_dtype is None else vae_dtype)
     te = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
     v2 = te.config.hidden_act == "gelu" or unet.config.cross_attention_dim == 1024
     logger.info("loaded diffusers folder %s (%s)", path, "SD2.x" if v2 else "SD1.x")

@@ -55,7 +55,7 @@ def load_unet(src: _TensorSource, config: cfgmod.SDXLUNetConfig, dtype):
     missing = [k for k in keys if cfgmod.UNET_PREFIX + k not in src.shapes]
     if missing:
         raise UserInputError(f"{src.path}: SDXL U-Net is missing {len(missing)} tensors, e.g. '{cfgmod.UNET_PREFIX + missing[0]}'")
-    sd = {k: src.get(cfgmod.UNET_PREFIX + k) for k in keys}
+    sd = {k: src.get(cfgmod.UNET_PREFIX + k, dtype) for k in keys}
     _check_shapes(unet, sd, "U-Net", src.path)
     _assign(unet, sd, dtype, "U-Net", src.path)
     return unet
@@ -70,7 +70,7 @@ def load_text_encoder1(src: _TensorSource, te_cfg: dict, dtype):
     missing = [k for k in wanted if prefix + k not in src.shapes]
     if missing:
         raise UserInputError(f"{src.path}: first text encoder (CLIP ViT-L) is missing '{prefix + missing[0]}'")
-    sd = clip_naming.to_model_keys(te, {k: src.get(prefix + k) for k in wanted})
+    sd = clip_naming.to_model_keys(te, {k: src.get(prefix + k, dtype) for k in wanted})
     _check_shapes(te, sd, "text encoder 1", src.path)
     _assign(te, sd, dtype, "text encoder 1", src.path)
     return te
@@ -85,26 +85,27 @@ def load_text_encoder2(src: _TensorSource, te_cfg: dict, dtype):
     missing = [k for k in openclip_keys_used(layers, with_projection=True) if prefix + k not in src.shapes]
     if missing:
         raise UserInputError(f"{src.path}: second text encoder (OpenCLIP bigG) is missing '{prefix + missing[0]}'")
-    sd = openclip_to_hf(lambda k: src.get(prefix + k), layers, with_projection=True)
+    sd = openclip_to_hf(lambda k: src.get(prefix + k, dtype), layers, with_projection=True)
     sd = clip_naming.to_model_keys(te, sd)
     _check_shapes(te, sd, "text encoder 2", src.path)
     _assign(te, sd, dtype, "text encoder 2", src.path)
     return te
 
 
-def load_sdxl_models(path: str, vae_path: str | None = None, dtype=None, mmap: bool = True) -> SDXLModels:
+def load_sdxl_models(path: str, vae_path: str | None = None, dtype=None, mmap: bool = True, vae_dtype=None) -> SDXLModels:
     """Text encoders, VAE and U-Net of an SDXL model from a single file or a diffusers folder.
 
     `dtype` None keeps the stored precision (no copy). `mmap=False` is
     `--disable_mmap_load_safetensors`: the file is read into memory at once.
     """
     dtype = _dtype_of(dtype)
+    vae_dtype = dtype if vae_dtype is None else _dtype_of(vae_dtype)
     if not path:
         raise UserInputError("--pretrained_model_name_or_path is required (an SDXL .safetensors/.ckpt file or a diffusers folder)")
     if not os.path.exists(path):
         raise UserInputError(f"--pretrained_model_name_or_path {path}: file or folder not found")
     if os.path.isdir(path):
-        models = load_sdxl_diffusers(path, dtype)
+        models = load_sdxl_diffusers(path, dtype, vae_dtype)
     else:
         src = _TensorSource(path, mmap)
         config = cfgmod.infer_sdxl_config(src.shapes, path)
@@ -118,9 +119,10 @@ def load_sdxl_models(path: str, vae_path: str | None = None, dtype=None, mmap: b
             from diffusers import AutoencoderKL
 
             vae = _build_empty(lambda: AutoencoderKL(**config.vae))
-            _load_ldm_part(src, vae, vae_module_pairs(config.vae), cfgmod.VAE_PREFIX, dtype, "VAE")
+            _load_ldm_part(src, vae, vae_module_pairs(config.vae), cfgmod.VAE_PREFIX, vae_dtype, "VAE")
         models = SDXLModels(te1.eval(), te2.eval(), vae.eval() if vae is not None else None, unet.eval(), path, "ldm",
                             src.unused(), src.epoch, src.global_step)
+        src.close()
         logger.info(
             "loaded SDXL checkpoint %s: U-Net widths %s, transformer depths %s (middle %d); text encoders %d x %d and "
             "%d x %d layers; %d unused tensors kept",
@@ -131,11 +133,11 @@ def load_sdxl_models(path: str, vae_path: str | None = None, dtype=None, mmap: b
     if vae_path is not None:
         from library.models.sd.loading import load_vae
 
-        models.vae = load_vae(vae_path, dtype, mmap)
+        models.vae = load_vae(vae_path, vae_dtype, mmap)
     return models
 
 
-def load_sdxl_diffusers(path: str, dtype=None) -> SDXLModels:
+def load_sdxl_diffusers(path: str, dtype=None, vae_dtype=None) -> SDXLModels:
     """A diffusers StableDiffusionXLPipeline folder; the U-Net is renamed to our LDM tree."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -156,7 +158,7 @@ def load_sdxl_diffusers(path: str, dtype=None) -> SDXLModels:
     unet = _build_empty(lambda: SDXLUNet(cfg))
     _assign(unet, diffusers_to_ours(d_unet.state_dict(), cfg), None, "U-Net", path)
     del d_unet
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype if vae_dtype is None else _dtype_of(vae_dtype))
     te1 = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
     te2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", torch_dtype=dtype)
     logger.info("loaded diffusers SDXL folder %s (U-Net widths %s)", path, cfg.widths)
