@@ -24,51 +24,27 @@ logger = logging.getLogger("cache_latents")
 
 
 def setup_parser() -> argparse.ArgumentParser:
-    from library.args import groups
+    from library.data.cache_tools import add_cache_tool_arguments
 
     p = argparse.ArgumentParser(description="Pre-compute latent .npz caches for a dataset.")
-    groups.add_logging_arguments(p)
-    groups.add_sd_models_arguments(p)
-    groups.add_model_spec_arguments(p)
-    groups.add_training_arguments(p, True)
-    groups.add_dataset_arguments(p, True, True, True)
-    groups.add_masked_loss_arguments(p)
-    groups.add_config_arguments(p)
-    groups.add_dit_training_arguments(p)
-    groups.add_flux_train_arguments(p)
+    add_cache_tool_arguments(p)
     p.add_argument("--sdxl", action="store_true", help="write SDXL caches (_sdxl.npz)")
     p.add_argument("--flux", action="store_true", help="write FLUX caches (_flux.npz)")
     p.add_argument("--no_half_vae", action="store_true", help="run the VAE in float32")
-    p.add_argument("--skip_existing", action="store_true", help="no effect; valid caches are always kept")
     return p
 
 
 def main(argv=None) -> None:
-    parser = setup_parser()
-    args = parser.parse_args(argv)
-    from library.args.config_file import read_config_from_file
-    from library.log import setup_logging
+    from library.data import cache_tools
 
-    args = read_config_from_file(args, parser, argv)
-    setup_logging(args, reset=True)
+    args = cache_tools.parse_tool_args(setup_parser(), argv)
     if args.sdxl and args.flux:
         from library.errors import UserInputError
 
         raise UserInputError("--sdxl and --flux cannot be used together")
     name = "flux" if args.flux else "sdxl" if args.sdxl else "sd"
-    if args.skip_existing:
-        logger.warning("--skip_existing has no effect: valid cache files are always kept")
-
     # everything the user can get wrong in the dataset is checked before any model loads
-    from library.data.config_schema import SchemaSupport
-    from library.data.datasets import build_from_args, check_caching_compatibility
-
-    train, val = build_from_args(args, SchemaSupport(controlnet=bool(args.masked_loss)))
-    groups_ = [g for g in (train, val) if g is not None]
-    for g in groups_:
-        check_caching_compatibility(g, cache_latents=True)
-
-    from library.data import cache_tools
+    groups_ = cache_tools.build_dataset_groups(args, cache_latents=True)
 
     arch = cache_tools.resolve_architecture(name, args)
     fmt = cache_tools.latent_format_for(arch, name)

@@ -24,51 +24,26 @@ logger = logging.getLogger("cache_text_encoder_outputs")
 
 
 def setup_parser() -> argparse.ArgumentParser:
-    from library.args import groups
+    from library.data.cache_tools import add_cache_tool_arguments
 
     p = argparse.ArgumentParser(description="Pre-compute text-encoder output .npz caches (SDXL / FLUX).")
-    groups.add_logging_arguments(p)
-    groups.add_sd_models_arguments(p)
-    groups.add_model_spec_arguments(p)
-    groups.add_training_arguments(p, True)
-    groups.add_dataset_arguments(p, True, True, True)
-    groups.add_masked_loss_arguments(p)
-    groups.add_config_arguments(p)
-    groups.add_dit_training_arguments(p)
-    groups.add_flux_train_arguments(p)
+    add_cache_tool_arguments(p)
     p.add_argument("--sdxl", action="store_true", help="cache SDXL text-encoder outputs (_te_outputs.npz)")
     p.add_argument("--flux", action="store_true", help="cache FLUX text-encoder outputs (_flux_te.npz)")
     p.add_argument("--t5xxl_dtype", type=str, default=None, help="dtype for T5-XXL while caching")
-    p.add_argument("--skip_existing", action="store_true", help="no effect; valid caches are always kept")
     p.add_argument("--weighted_captions", action="store_true", help="apply (word:1.2) caption weights (SDXL)")
     return p
 
 
 def main(argv=None) -> None:
+    from library.data import cache_tools
     from library.errors import UserInputError
 
-    parser = setup_parser()
-    args = parser.parse_args(argv)
-    from library.args.config_file import read_config_from_file
-    from library.log import setup_logging
-
-    args = read_config_from_file(args, parser, argv)
-    setup_logging(args, reset=True)
+    args = cache_tools.parse_tool_args(setup_parser(), argv)
     if args.sdxl == args.flux:
         raise UserInputError("give exactly one of --sdxl or --flux")
     name = "flux" if args.flux else "sdxl"
-    if args.skip_existing:
-        logger.warning("--skip_existing has no effect: valid cache files are always kept")
-
-    from library.data.config_schema import SchemaSupport
-    from library.data.datasets import build_from_args, check_caching_compatibility
-
-    train, val = build_from_args(args, SchemaSupport(controlnet=bool(args.masked_loss)))
-    groups_ = [g for g in (train, val) if g is not None]
-    for g in groups_:
-        check_caching_compatibility(g, cache_text_encoder_outputs=True)
-
-    from library.data import cache_tools
+    groups_ = cache_tools.build_dataset_groups(args, cache_text_encoder_outputs=True)
 
     arch = cache_tools.resolve_architecture(name, args)
     if not hasattr(arch, "text_encoder_cache_strategy"):

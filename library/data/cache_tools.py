@@ -79,3 +79,43 @@ def torch_device_and_dtype(mixed_precision: str, full_precision: bool):
     if full_precision or device == "cpu":
         return device, torch.float32
     return device, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision or "no", torch.float32)
+
+
+def add_cache_tool_arguments(p) -> None:
+    """The option groups both caching tools share: the training scripts' model and dataset options."""
+    from library.args import groups
+
+    groups.add_logging_arguments(p)
+    groups.add_sd_models_arguments(p)
+    groups.add_model_spec_arguments(p)
+    groups.add_training_arguments(p, True)
+    groups.add_dataset_arguments(p, True, True, True)
+    groups.add_masked_loss_arguments(p)
+    groups.add_config_arguments(p)
+    groups.add_dit_training_arguments(p)
+    groups.add_flux_train_arguments(p)
+    p.add_argument("--skip_existing", action="store_true", help="no effect; valid caches are always kept")
+
+
+def parse_tool_args(parser, argv):
+    """Command line + ``--config_file``, logging set up, ``--skip_existing`` explained."""
+    from library.args.config_file import read_config_from_file
+    from library.log import setup_logging
+
+    args = read_config_from_file(parser.parse_args(argv), parser, argv)
+    setup_logging(args, reset=True)
+    if args.skip_existing:
+        logger.warning("--skip_existing has no effect: valid cache files are always kept")
+    return args
+
+
+def build_dataset_groups(args, **compatibility) -> list:
+    """Train (and validation) groups, checked for what caching needs before any model loads."""
+    from library.data.config_schema import SchemaSupport
+    from library.data.datasets import build_from_args, check_caching_compatibility
+
+    train, val = build_from_args(args, SchemaSupport(controlnet=bool(args.masked_loss)))
+    found = [g for g in (train, val) if g is not None]
+    for g in found:
+        check_caching_compatibility(g, **compatibility)
+    return found
