@@ -225,3 +225,41 @@ def test_save_model_as_formats_and_precision(tiny_sd, tmp_path):
         save_sd_model(models, str(tmp_path / "x.onnx"), "onnx")
     with pytest.raises(UserInputError, match="--save_precision"):
         save_sd_model(models, out, "safetensors", "fp8")
+
+
+@pytest.mark.parametrize("variant", ["sd1", "sd2"])
+def test_loading_in_another_dtype_converts_every_weight_and_keeps_unused_tensors(tiny_sd, tmp_path, variant):
+    """dtype at load time (converted per tensor, pages handed back) == load as stored, then convert."""
+    fp16 = str(tmp_path / "fp16.safetensors")
+    save_ldm_checkpoint(load_sd_models(tiny_sd(variant).path), fp16, save_dtype=torch.float16)
+    stored = load_sd_models(fp16)
+    converted = load_sd_models(fp16, dtype=torch.float32, vae_dtype=torch.bfloat16)
+    for name, want in (("unet", torch.float32), ("text_encoder", torch.float32), ("vae", torch.bfloat16)):
+        a, b = getattr(stored, name).state_dict(), getattr(converted, name).state_dict()
+        assert set(a) == set(b)
+        for k in a:
+            if a[k].is_floating_point():
+                assert b[k].dtype == want, (name, k)
+                assert torch.equal(a[k].to(want), b[k]), (name, k)
+    # a re-save of the converted models in fp16 gives back the file, unused tensors included
+    again = str(tmp_path / "again.safetensors")
+    save_ldm_checkpoint(converted, again, save_dtype=torch.float16)
+    a, b = _all_tensors(fp16), _all_tensors(again)
+    assert set(a) == set(b)
+    # fp16 -> fp32 -> fp16 is exact; the VAE went through bf16, which is not
+    _assert_same_tensors(a, b, [k for k in a if not k.startswith("first_stage_model.")])
+
+
+def test_tensor_file_get_as_equals_get_then_convert(tmp_path):
+    from library.io.tensor_files import TensorFile
+
+    tensors = {"h": torch.randn(3, 5, dtype=torch.float16), "b": torch.randn(7, dtype=torch.bfloat16),
+               "i": torch.arange(4, dtype=torch.int64), "e": torch.zeros(0, 3, dtype=torch.float16)}
+    path = str(tmp_path / "t.safetensors")
+    safetensors_io.save_state_dict(tensors, path)
+    with TensorFile(path) as f:
+        for k, t in tensors.items():
+            got = f.get_as(k, torch.float32)
+            want = t.float() if t.is_floating_point() else t
+            assert got.dtype == want.dtype and torch.equal(got, want), k
+            assert torch.equal(f.get(k), t), k  # the map does not disturb private reads

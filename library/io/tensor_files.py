@@ -38,6 +38,10 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 class TensorFile:
     """Keys, shapes, dtypes and metadata of a tensor file; tensors read when asked for."""
 
@@ -49,6 +53,7 @@ class TensorFile:
         if os.path.isdir(self.path):
             raise UserInputError(f"{what} {self.path}: is a folder, expected a file")
         self._file = None
+        self._map = None
         self._sd: dict | None = None
         if is_safetensors_path(self.path):
             header = read_header(self.path)  # validated: truncation / bad JSON are UserInputErrors
@@ -89,7 +94,7 @@ class TensorFile:
         n = 1
         for d in self._shapes[key]:
             n *= d
-        return n * torch.empty((), dtype=self._dtypes[key]).element_size()
+        return n * _itemsize(self._dtypes[key])
 
     def get(self, key: str) -> torch.Tensor:
         """The tensor, freshly read (CPU, stored dtype). Nothing is cached."""
@@ -100,15 +105,47 @@ class TensorFile:
         shape, dtype = self._shapes[key], self._dtypes[key]
         if size == 0:
             return torch.empty(shape, dtype=dtype)
-        buf = bytearray(size)
+        buf = torch.empty(size, dtype=torch.uint8)  # not zero-filled: the read writes every byte
         self._file.seek(self._data_offset + info.start)
-        got = self._file.readinto(memoryview(buf))
+        got = self._file.readinto(memoryview(buf.numpy()))
         if got != size:
             raise UserInputError(f"{self.what} {self.path}: short read of tensor '{key}' (file changed or truncated?)")
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+        return buf.view(dtype).reshape(shape)
+
+    def get_as(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        """The tensor converted to `dtype` (floating tensors only), in fresh memory.
+
+        The stored bytes are read through a memory map and the pages are given back to the
+        kernel right after the conversion (madvise DONTNEED): no buffer is filled twice and
+        the map adds nothing to resident memory. Non-floating tensors come back as stored.
+        """
+        if self._sd is not None or self._dtypes[key] == dtype or not self._dtypes[key].is_floating_point:
+            return self.get(key)
+        info = self._info[key]
+        if info.end == info.start:
+            return torch.empty(self._shapes[key], dtype=dtype)
+        if self._map is None:
+            import mmap
+
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
+        start, end = self._data_offset + info.start, self._data_offset + info.end
+        stored = torch.frombuffer(self._map, dtype=self._dtypes[key], count=(end - start) // _itemsize(self._dtypes[key]),
+                                  offset=start)
+        out = stored.reshape(self._shapes[key]).to(dtype)
+        del stored
+        if hasattr(self._map, "madvise"):
+            import mmap
+
+            page = mmap.PAGESIZE
+            first = start // page * page
+            self._map.madvise(mmap.MADV_DONTNEED, first, end - first)
+        return out
 
     # -- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
         if self._file is not None:
             self._file.close()
             self._file = None
