@@ -61,8 +61,9 @@ _DTYPE_NAMES = {
 }
 
 
-def parse_dtype(name, option: str, default=None, allow_fp8: bool = True):
-    """A dtype option value -> torch dtype (None -> `default`). fp8 names mean 'stored in fp8'."""
+def parse_dtype(name, option: str, default=None, allow_fp8: bool = True, any_fp8: bool = False):
+    """A dtype option value -> torch dtype (None -> `default`). fp8 names mean 'stored in fp8'
+    (e4m3fn only, unless `any_fp8`: saving may use e5m2 too)."""
     if name is None or (isinstance(name, str) and name.strip() == ""):
         return default
     if isinstance(name, torch.dtype):
@@ -77,7 +78,7 @@ def parse_dtype(name, option: str, default=None, allow_fp8: bool = True):
     if is_fp8(dtype):
         if not allow_fp8:
             raise UserInputError(f"{option} {name}: fp8 is not supported here; use float32, fp16 or bf16")
-        if dtype != torch.float8_e4m3fn:
+        if dtype != torch.float8_e4m3fn and not any_fp8:
             raise UserInputError(f"{option} {name}: only fp8 e4m3fn storage is supported (fp8 / float8_e4m3fn)")
     return dtype
 
