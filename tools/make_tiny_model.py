@@ -4,6 +4,7 @@
     python tools/make_tiny_model.py --arch sd2-v --out tiny_sd2v.safetensors --diffusers_config tiny_sd2v_config
     python tools/make_tiny_model.py --arch sd1 --full_size --save_precision fp16 --out sd15_random.safetensors
     python tools/make_tiny_model.py --arch sdxl --out tiny_sdxl.safetensors --diffusers_config tiny_sdxl_config
+    python tools/make_tiny_model.py --arch sdxl --full_size --width_divisor 2 --out sdxl_half.safetensors  # benchmarks
     python tools/make_tiny_model.py --arch flux-dev --out tiny_flux_dev/      # four files in a folder
     python tools/make_tiny_model.py --arch flux-schnell --full_size --depth 2 --depth_single 4 --save_precision bf16 --out flux_compact/
 
@@ -37,6 +38,9 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="tokenizer cache (see tools/make_tokenizers.py); puts the tokenizer into --diffusers_config")
     p.add_argument("--depth", type=int, default=None, help="FLUX only: number of double blocks (default 2)")
     p.add_argument("--depth_single", type=int, default=None, help="FLUX only: number of single blocks (default 4)")
+    p.add_argument("--width_divisor", type=int, default=1,
+                   help="SDXL with --full_size only: divide every released width by this (2: the widths-halved "
+                        "model of benchmarks/bench_sdxl_train.py); depths stay those of the real model")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     return p
 
@@ -53,6 +57,8 @@ def main(argv=None) -> None:
         return
     if args.depth is not None or args.depth_single is not None:
         raise UserInputError("--depth / --depth_single apply to FLUX only")
+    if args.width_divisor != 1 and (args.arch != "sdxl" or not args.full_size or args.width_divisor != 2):
+        raise UserInputError("--width_divisor: only 2, and only with --arch sdxl --full_size")
     if os.path.exists(args.out) and not args.force:
         raise UserInputError(f"--out {args.out}: already exists (pass --force to overwrite)")
     if not args.out.lower().endswith((".safetensors", ".ckpt")):
@@ -86,7 +92,7 @@ def _make_sdxl(args, dtype) -> None:
     from library.models.sdxl.saving import save_sdxl_checkpoint, save_sdxl_diffusers
     from library.models.sdxl.tiny import make_sdxl_models
 
-    models = make_sdxl_models(seed=args.seed, full_size=args.full_size)
+    models = make_sdxl_models(seed=args.seed, full_size=args.full_size, width_divisor=args.width_divisor)
     save_sdxl_checkpoint(models, args.out, save_dtype=dtype)
     n_params = sum(p.numel() for m in (models.unet, models.vae, *models.text_encoders) for p in m.parameters())
     print(f"wrote {args.out}: sdxl, {n_params / 1e6:.1f}M parameters, {os.path.getsize(args.out) / 2**20:.1f} MiB")

@@ -13,11 +13,23 @@ from library.models.sd.config import heads_for_width
 from library.models.sdxl import config as cfgmod
 
 
-def sdxl_configs(full_size: bool = False):
-    """(SDXLUNetConfig, vae kwargs, text encoder 1 kwargs, text encoder 2 kwargs)."""
+def sdxl_configs(full_size: bool = False, width_divisor: int = 1):
+    """(SDXLUNetConfig, vae kwargs, text encoder 1 kwargs, text encoder 2 kwargs).
+
+    `width_divisor` (with `full_size`) divides every width of the released model (U-Net
+    levels, VAE levels, both text encoders and their MLPs) and keeps all depths: 2 gives
+    the "widths halved" SDXL of the memory benchmarks (attention widths 320/640, 5 and 10
+    heads; CLIP-L 384 wide, bigG 640).
+    """
+    if width_divisor != 1 and not full_size:
+        raise ValueError("width_divisor applies to the released (full_size) widths")
     if full_size:
-        widths, depth, vae_widths = [320, 640, 1280], [0, 2, 10], [128, 256, 512, 512]
-        w1, i1, w2, i2 = 768, 3072, 1280, 5120
+        d = int(width_divisor)
+        if d not in (1, 2):
+            raise ValueError(f"width_divisor {width_divisor}: use 1 or 2 (group norms need widths divisible by 32)")
+        widths, depth = [320 // d, 640 // d, 1280 // d], [0, 2, 10]
+        vae_widths = [128 // d, 256 // d, 512 // d, 512 // d]
+        w1, i1, w2, i2 = 768 // d, 3072 // d, 1280 // d, 5120 // d
     else:
         widths, depth, vae_widths = [32, 64, 128], [0, 2, 3], [32, 32, 64, 64]
         w1, i1, w2, i2 = 32, 64, 64, 128
@@ -43,8 +55,8 @@ def sdxl_configs(full_size: bool = False):
     return unet, vae, te1, te2
 
 
-def make_sdxl_models(seed: int = 0, full_size: bool = False, dtype=None):
-    """Randomly initialised SDXLModels (deterministic for a seed)."""
+def make_sdxl_models(seed: int = 0, full_size: bool = False, dtype=None, width_divisor: int = 1):
+    """Randomly initialised SDXLModels (deterministic for a seed); see `sdxl_configs`."""
     import torch
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -54,7 +66,7 @@ def make_sdxl_models(seed: int = 0, full_size: bool = False, dtype=None):
     from library.models.sdxl.loading import SDXLModels
     from library.models.sdxl.unet import SDXLUNet
 
-    unet_cfg, vae_cfg, te1_cfg, te2_cfg = sdxl_configs(full_size)
+    unet_cfg, vae_cfg, te1_cfg, te2_cfg = sdxl_configs(full_size, width_divisor)
     torch.manual_seed(seed)
     unet = SDXLUNet(unet_cfg)
     vae = AutoencoderKL(**vae_cfg)
