@@ -58,6 +58,22 @@ ACCEPTED_ARGS = {
 }
 
 
+def cayley_rotation(oft_blocks: torch.Tensor, constraint: float, multiplier: float = 1.0) -> torch.Tensor:
+    """R_m (k, b, b) in float32 from the parameter B (k, b, b): Q = B - B^T norm-limited to
+    `constraint`, R = (I + Q)(I - Q)^-1, R_m = m (R - I) + I (differentiable in B)."""
+    blocks = oft_blocks.float()
+    q = blocks - blocks.transpose(1, 2)
+    norm = torch.linalg.vector_norm(q)
+    c = constraint
+    q = torch.where(norm > c, q * ((c + 1e-8) / (norm + 1e-8)), q)
+    eye = torch.eye(blocks.shape[-1], device=q.device, dtype=torch.float32)
+    # (I + Q)(I - Q)^-1 == (I - Q)^-1 (I + Q): both are functions of Q and commute
+    r = torch.linalg.solve(eye - q, eye + q)
+    if multiplier == 1.0:
+        return r
+    return multiplier * (r - eye) + eye
+
+
 class OFTModule(AdapterModule):
     def __init__(self, oft_name, org_module, multiplier=1.0, dim=4, alpha=DEFAULT_ALPHA):
         super().__init__(oft_name, org_module, multiplier)
@@ -91,17 +107,7 @@ class OFTModule(AdapterModule):
     def rotation(self, multiplier: float | None = None) -> torch.Tensor:
         """R_m as a float32 (k, b, b) tensor (differentiable in oft_blocks)."""
         m = self.multiplier if multiplier is None else multiplier
-        blocks = self.oft_blocks.float()
-        q = blocks - blocks.transpose(1, 2)
-        norm = torch.linalg.vector_norm(q)
-        c = self.constraint
-        q = torch.where(norm > c, q * ((c + 1e-8) / (norm + 1e-8)), q)
-        eye = torch.eye(self.block_size, device=q.device, dtype=torch.float32)
-        # (I + Q)(I - Q)^-1 == (I - Q)^-1 (I + Q): both are functions of Q and commute
-        r = torch.linalg.solve(eye - q, eye + q)
-        if m == 1.0:
-            return r
-        return m * (r - eye) + eye
+        return cayley_rotation(self.oft_blocks, self.constraint, m)
 
     def rotated_weight(self, weight: torch.Tensor, multiplier: float | None = None) -> torch.Tensor:
         """W' = blockdiag(R_m)^T W in float32."""
