@@ -33,6 +33,7 @@ class ArchInfo:
     base_model_version: str | None
     architecture: str | None = None  # an input's modelspec.architecture, if any
     resolution: str | None = None
+    flux_variant: str | None = None  # FLUX: 'dev' / 'schnell' when known
 
 
 def _bool(text: str | None) -> bool | None:
@@ -104,7 +105,7 @@ def minimum_network_metadata(info: ArchInfo | None, network_module: str, dim: st
 def _spec_kwargs(info: ArchInfo) -> dict:
     kw = dict(v2=bool(info.v2), v_parameterization=info.v_parameterization, sdxl=info.family == "sdxl")
     if info.family == "flux":
-        kw["flux"] = True
+        kw["flux"] = info.flux_variant or True
     elif info.family == "sd3":
         kw["sd3"] = "medium"
     return kw
@@ -122,9 +123,9 @@ def lora_modelspec(info: ArchInfo, title: str, merged: str | None = None, timest
 
 
 def checkpoint_modelspec(v2: bool, v_parameterization: bool, title: str, merged: str | None,
-                         timestamp: float | None = None) -> dict[str, str]:
+                         timestamp: float | None = None, sdxl: bool = False) -> dict[str, str]:
     ts = time.time() if timestamp is None else timestamp
-    return modelspec.build_metadata(v2=v2, v_parameterization=v_parameterization, lora=False, timestamp=ts,
+    return modelspec.build_metadata(v2=v2, v_parameterization=v_parameterization, sdxl=sdxl, lora=False, timestamp=ts,
                                     title=title, merged_from=merged)
 
 
