@@ -236,7 +236,8 @@ def test_cli_with_lora_and_t5_lora(tmp_path):
     sd["lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight"] = torch.randn(q.out_features, 2, generator=g)
     save_file(sd, lora)
     written = script.main(_argv(paths, tmp_path / "out", "--dtype", "float32", "--width", "32", "--height", "32",
-                                "--seed", "3", "--lora_weights", f"{lora};0.5", "--merge_lora_weights"))
+                                "--seed", "3", "--lora_weights", f"{lora};0.5", "--merge_lora_weights",
+                                "--apply_t5_attn_mask", "--cfg_scale", "2", "--negative_prompt", "bad"))
     assert len(written) == 1 and os.path.exists(written[0])
 
 

@@ -159,6 +159,9 @@ def test_prefixed_and_fp8_stored_files_load(tmp_path):
     save_file(sd, prefixed)
     loaded = load_flux_transformer(prefixed)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    sft = str(tmp_path / "flux1-dev.sft")  # the first BFL releases used this extension
+    os.link(src, sft)
+    assert load_flux_transformer(sft).config == model.config
 
     fp8 = str(tmp_path / "fp8.safetensors")
     save_flux_transformer(model, fp8, dtype=torch.float8_e4m3fn)

@@ -157,4 +157,5 @@ def save_state_dict(tensors: Mapping, path: str | os.PathLike, metadata: Mapping
 
 
 def is_safetensors_path(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() == ".safetensors"
+    """`.safetensors`, or `.sft` (the extension of the first FLUX.1 releases)."""
+    return Path(path).suffix.lower() in (".safetensors", ".sft")

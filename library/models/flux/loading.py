@@ -134,8 +134,8 @@ def resolve_transformer_files(path: str, what: str = "--ckpt_path") -> list[str]
         )
     if SHARD_RX.match(os.path.basename(path)):
         return _shard_files(path)
-    if not path.lower().endswith(".safetensors"):
-        raise UserInputError(f"{what} {path}: expected a .safetensors file (pickled .ckpt/.pt FLUX files are not supported)")
+    if not path.lower().endswith((".safetensors", ".sft")):
+        raise UserInputError(f"{what} {path}: expected a .safetensors (or .sft) file; pickled .ckpt/.pt FLUX files are not supported")
     return [path]
 
 
