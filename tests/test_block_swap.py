@@ -1,0 +1,87 @@
+"""--blocks_to_swap: the BlockSwapper changes no loss and no gradient.
+
+No GPU here, so the swapper runs its schedule with a simulated device split: an evicted
+block's tensors are replaced by empty placeholders, so any use of a block that is not
+resident fails instead of silently reading weights. Same loss and LoRA gradients as
+without swapping (bit for bit), with and without gradient checkpointing, in forward-only
+(no_grad) passes too, and at most two swapped blocks resident at a time. A schedule
+without the backward hooks fails, which shows the placeholders have teeth.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flux_helpers import random_inputs, tiny_flux_files
+from library.errors import UserInputError
+from library.training.block_swap import BlockSwapper, flux_swap_counts
+
+
+def _setup(swap: int, checkpointing: bool):
+    import networks.lora_flux as lf
+    from library.models.flux.loading import load_flux_transformer
+
+    flux = load_flux_transformer(tiny_flux_files("flux-dev")["flux"])
+    flux.requires_grad_(False)
+    net = lf.create_network(1.0, 4, 2.0, None, None, flux)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    net.apply_to(None, flux, False, True)
+    swapper = BlockSwapper.create(flux, swap, "cpu", simulate=True) if swap else None
+    if checkpointing:
+        flux.enable_gradient_checkpointing()
+    flux.train()
+    return flux, net, swapper
+
+
+def _step(flux, net, inp):
+    for p in net.parameters():
+        p.grad = None
+    loss = flux(**inp).pow(2).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_swapping_gives_the_same_loss_and_gradients(checkpointing):
+    flux0, net0, _ = _setup(0, checkpointing)
+    flux1, net1, swapper = _setup(4, checkpointing)
+    assert swapper.swapped == [("double", 0), ("double", 1), ("single", 0), ("single", 1), ("single", 2),
+                               ("single", 3)]
+    inp = random_inputs(flux0.config, batch=2)
+    for _ in range(2):  # the second step starts from the state the first left behind
+        loss0, grads0 = _step(flux0, net0, inp)
+        loss1, grads1 = _step(flux1, net1, inp)
+        assert torch.equal(loss0, loss1)
+        assert grads0.keys() == grads1.keys()
+        for k in grads0:
+            assert torch.equal(grads0[k], grads1[k]), k
+    assert swapper.max_resident <= 2
+    with torch.no_grad():  # previews / validation: forward only
+        assert torch.equal(flux0(**inp), flux1(**inp))
+
+
+def test_a_schedule_without_backward_hooks_fails():
+    flux, net, swapper = _setup(4, True)
+    swapper._make_backward_hook = lambda key: (lambda grad: grad)  # noqa: E731
+    swapper._hooks.clear()
+    for k, block in swapper.blocks.items():
+        block._forward_hooks.clear()
+        swapper._hooks.append(block.register_forward_hook(swapper._make_forward_hook(k)))
+    with pytest.raises(RuntimeError):
+        _step(flux, net, random_inputs(flux.config, batch=1))
+
+
+def test_swap_counts_and_limits():
+    assert flux_swap_counts(18, 19, 38) == (9, 18)  # --split_mode's value on the full model
+    assert flux_swap_counts(1, 19, 38) == (0, 2)
+    with pytest.raises(UserInputError, match="at most 4"):
+        flux_swap_counts(5, 2, 4)
+    # without CUDA (and not simulated) there is nothing to swap with
+    from library.models.flux.loading import load_flux_transformer
+
+    flux = load_flux_transformer(tiny_flux_files("flux-dev")["flux"])
+    assert BlockSwapper.create(flux, 2, "cpu") is None and flux.block_swap is None
