@@ -65,3 +65,26 @@ def tokenizer_cache(tmp_path_factory) -> str:
     from library.tokenizer_builder import ensure_tokenizer_cache
 
     return ensure_tokenizer_cache(tmp_path_factory.mktemp("tokenizers"))
+
+
+class TinySDXLFiles:
+    """A tiny SDXL single file plus a complete diffusers folder (with tokenizers) of the same weights."""
+
+    def __init__(self, path: str, reference_folder: str):
+        self.path = path
+        self.reference_folder = reference_folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_files(tmp_path_factory, tokenizer_cache) -> TinySDXLFiles:
+    from library.models.sdxl.saving import save_sdxl_checkpoint, save_sdxl_diffusers
+    from library.models.sdxl.tiny import make_sdxl_models
+    from library.tokenizers import load_sdxl_tokenizers
+
+    root = tmp_path_factory.mktemp("tiny_sdxl_files")
+    models = make_sdxl_models(seed=1234)
+    path = str(root / "sdxl.safetensors")
+    save_sdxl_checkpoint(models, path)
+    ref = str(root / "sdxl_reference")
+    save_sdxl_diffusers(models, ref, tokenizers=load_sdxl_tokenizers(tokenizer_cache))
+    return TinySDXLFiles(path, ref)

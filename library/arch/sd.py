@@ -52,6 +52,52 @@ class SDArchitecture:
 
         return [load_sd_tokenizer(self.v2, getattr(args, "tokenizer_cache_dir", None))]
 
+    @staticmethod
+    def text_encoders(models) -> list:
+        """The loaded models' text encoders, in the order of `load_tokenizers` and the LoRA
+        prefixes (one: `lora_te`; several: `lora_te1`, `lora_te2`, ...)."""
+        return [models.text_encoder]
+
+    def check_model_path(self, path: str) -> None:
+        """Refuse, before anything loads, a single file that belongs to another architecture."""
+        from library.errors import UserInputError
+        from library.io.safetensors_io import is_safetensors_path, read_header
+        from library.models.sdxl.config import detect_family
+
+        import os
+
+        if not (os.path.isfile(path) and is_safetensors_path(path)):
+            return
+        family = detect_family(read_header(path).shapes())
+        scripts = {"sdxl": "sdxl_train_network.py / sdxl_train.py", "flux": "the flux_* scripts", "sd3": "the sd3_* scripts"}
+        if family in scripts:
+            raise UserInputError(f"--pretrained_model_name_or_path {path}: this is an {family.upper()} checkpoint, not "
+                                 f"SD1.x/2.x; use {scripts[family]}")
+
+    # ------------------------------------------------------------------ conditioning of a training batch
+    supports_text_encoder_caching = False
+    bucket_reso_multiple = None  # bucket sides must be multiples of this (None: any); not a dataclass field
+
+    def tokenize_captions(self, tokenizers: list, captions: list[str], max_token_length: int | None = None):
+        """Token ids the dataset puts in `batch["input_ids"]`."""
+        return self.tokenize(tokenizers[0], captions, max_token_length)
+
+    def encode_batch(self, text_encoders: list, tokenizers: list, batch: dict, args, device):
+        """The U-Net's text conditioning for a training batch: from `batch["input_ids"]`, or
+        from the captions themselves with `--weighted_captions` ((word:1.2) syntax)."""
+        clip_skip = getattr(args, "clip_skip", None)
+        if getattr(args, "weighted_captions", False):
+            from library.inference.prompt_weighting import encode_weighted
+
+            return encode_weighted(self, text_encoders[0], tokenizers[0], batch["captions"],
+                                   getattr(args, "max_token_length", None), clip_skip)
+        return self.encode_tokens(text_encoders[0], batch["input_ids"].to(device), tokenizers[0], clip_skip)
+
+    def text_encoder_cache_strategy(self, args, text_encoders=None, tokenizers=None, device=None):
+        from library.errors import UserInputError
+
+        raise UserInputError("--cache_text_encoder_outputs: text-encoder outputs of SD1.x/2.x models are not cached")
+
     # ------------------------------------------------------------------ text
     @staticmethod
     def token_length(max_token_length: int | None) -> int:

@@ -11,7 +11,11 @@ targets and losses are shared (training-math §2); what differs is here:
   first 75-token window of a long caption (§2.6);
 * the U-Net's extra vector y = concat(pooled, emb(orig h, w), emb(crop top, left),
   emb(target h, w)) with emb the 256-value cos/sin embedding of §2.7;
-* latent scale 0.13025, default resolution 1024, `ss_base_model_version` sdxl_base_v1-0.
+* latent scale 0.13025, default resolution 1024, `ss_base_model_version` sdxl_base_v1-0;
+* text-encoder output caches (`_te_outputs.npz`: hidden_state1, hidden_state2, pool2;
+  formats.md §d.2) through `SDXLTextEncoderCache`, used by the trainer and
+  tools/cache_text_encoder_outputs.py;
+* `SDXLSampler` (library/inference/sdxl_sampling.py) for previews and gen_img.py.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import math
 from dataclasses import dataclass
 
 from library.arch.sd import CHUNK, SDArchitecture
+from library.data.text_encoder_cache import TextEncoderCacheStrategy
 from library.models.sdxl.config import SDXL_LATENT_SCALE, SIZE_EMBED_DIM
 
 logger = logging.getLogger(__name__)
@@ -112,6 +117,100 @@ class SDXLArchitecture(SDArchitecture):
 
         return list(load_sdxl_tokenizers(getattr(args, "tokenizer_cache_dir", None)))
 
+    @staticmethod
+    def text_encoders(models) -> list:
+        """[CLIP ViT-L, OpenCLIP bigG]: LoRA prefixes lora_te1 / lora_te2."""
+        return list(models.text_encoders)
+
+    def check_model_path(self, path: str) -> None:
+        """An SD1.x/2.x, FLUX or SD3 file (or diffusers folder) is refused before anything loads."""
+        import os
+
+        from library.errors import UserInputError
+        from library.io.safetensors_io import is_safetensors_path, read_header
+        from library.models.sdxl.config import detect_family
+
+        where = f"--pretrained_model_name_or_path {path}"
+        if os.path.isdir(path):
+            if os.path.isfile(os.path.join(path, "text_encoder", "config.json")) and not os.path.isdir(
+                    os.path.join(path, "text_encoder_2")):
+                raise UserInputError(f"{where}: a diffusers folder with one text encoder (SD1.x/2.x), not SDXL; "
+                                     "use train_network.py for it")
+            return
+        if not (os.path.isfile(path) and is_safetensors_path(path)):
+            return
+        family = detect_family(read_header(path).shapes())
+        scripts = {"sd": "train_network.py", "flux": "flux_train_network.py", "sd3": "sd3_train_network.py"}
+        if family in scripts:
+            label = {"sd": "SD1.x/2.x", "flux": "FLUX.1", "sd3": "SD3"}[family]
+            raise UserInputError(f"{where}: this is an {label} checkpoint, not SDXL; use {scripts[family]} for it")
+
+    # ------------------------------------------------------------------ conditioning of a training batch
+    supports_text_encoder_caching = True
+    bucket_reso_multiple = 32  # cli-options.md: SDXL bucket steps must be divisible by 32
+    size_conditioning = True  # gen_img: --original_width/height, --crop_top/left apply
+    default_generation_size = (1024, 1024)
+
+    @property
+    def image_sampler_class(self):
+        from library.inference.sdxl_sampling import SDXLSampler
+
+        return SDXLSampler
+
+    def tokenize_captions(self, tokenizers: list, captions: list[str], max_token_length: int | None = None):
+        """(B, 2, n*75+2): both tokenizers' ids, as the dataset puts them in `batch["input_ids"]`."""
+        return self.tokenize(list(tokenizers), captions, max_token_length)
+
+    def encode_batch(self, text_encoders: list, tokenizers: list, batch: dict, args, device) -> "SDXLCondition":
+        """SDXLCondition for a training batch: cached outputs (`--cache_text_encoder_outputs`),
+        weighted captions, or the token ids."""
+        cached = batch.get("text_encoder_outputs")
+        if cached is not None:
+            return SDXLCondition.from_parts(cached["hidden_state1"].to(device), cached["hidden_state2"].to(device),
+                                            cached["pool2"].to(device))
+        if getattr(args, "weighted_captions", False):
+            return self.encode_weighted(text_encoders, tokenizers, batch["captions"], getattr(args, "max_token_length", None))
+        return self.encode_tokens(text_encoders, batch["input_ids"].to(device), tokenizers)
+
+    def encode_weighted(self, text_encoders, tokenizers, prompts, max_token_length=None, normalize: str = "none",
+                        fit_to_longest: bool = False, warn_truncation: bool = False, parse: bool = True) -> "SDXLCondition":
+        """Prompts with (word:1.2) / [word] emphasis -> SDXLCondition: each encoder's hidden
+        states are multiplied by the token weights (and normalised per encoder with
+        `normalize`); the pooled vector is not weighted (formats.md §f.4)."""
+        import torch
+
+        from library.inference.prompt_weighting import apply_token_weights, tokenize_weighted
+
+        toks = [tokenize_weighted(t, prompts, max_token_length, fit_to_longest, warn_truncation and i == 0, parse)
+                for i, t in enumerate(tokenizers)]
+        if toks[0].input_ids.shape != toks[1].input_ids.shape:
+            raise ValueError("the two SDXL tokenizers split the prompts into different lengths")
+        cond = self.encode_tokens(text_encoders, (toks[0].input_ids, toks[1].input_ids), tokenizers)
+        if all(bool((t.weights == 1.0).all()) for t in toks):
+            return cond
+        width1 = text_encoders[0].config.hidden_size
+        h1, h2, pooled = cond.split(width1)
+        h1 = apply_token_weights(h1, toks[0].weights, normalize)
+        h2 = apply_token_weights(h2, toks[1].weights, normalize)
+        return SDXLCondition(torch.cat([h1, h2], dim=-1), pooled)
+
+    def text_encoder_cache_strategy(self, args, text_encoders=None, tokenizers=None, device=None, dtype=None):
+        """The `_te_outputs.npz` strategy. Without text encoders (the caching tool) they are
+        loaded from --pretrained_model_name_or_path in `dtype` (default float32)."""
+        if text_encoders is None:
+            import torch
+
+            models = self.load_models(args, dtype=dtype)
+            text_encoders = self.text_encoders(models)
+            del models
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            for te in text_encoders:
+                te.to(device).eval().requires_grad_(False)
+        if tokenizers is None:
+            tokenizers = self.load_tokenizers(args)
+        return SDXLTextEncoderCache(self, list(text_encoders), list(tokenizers), getattr(args, "max_token_length", None),
+                                    bool(getattr(args, "weighted_captions", False)))
+
     # ------------------------------------------------------------------ text
     def tokenize(self, tokenizers, captions: list[str], max_token_length: int | None = None):
         """Both tokenizers: (B, 2, n*75+2) ids. A single tokenizer gives (B, n*75+2) as for SD."""
@@ -174,6 +273,8 @@ class SDXLArchitecture(SDArchitecture):
     def modelspec_kwargs(self) -> dict:
         return {"sdxl": True}
 
+    default_clip_skip = None  # SDXL fixes the layers each text encoder contributes
+
     # ------------------------------------------------------------------ metadata
     @property
     def base_model_version(self) -> str:
@@ -181,3 +282,30 @@ class SDXLArchitecture(SDArchitecture):
 
     def default_resolution(self) -> tuple[int, int]:
         return (1024, 1024)
+
+
+class SDXLTextEncoderCache(TextEncoderCacheStrategy):
+    """`_te_outputs.npz` caches (formats.md §d.2): hidden_state1 (L, w1) = CLIP-L
+    hidden_states[11], hidden_state2 (L, w2) = bigG hidden_states[-2], pool2 (p,) = bigG's
+    projected EOS state; L = n*75+2 for --max_token_length. With --weighted_captions the
+    hidden states carry the caption's token weights (the pooled vector does not)."""
+
+    suffix = "_te_outputs.npz"
+    npz_keys = ("hidden_state1", "hidden_state2", "pool2")
+
+    def __init__(self, arch: SDXLArchitecture, text_encoders: list, tokenizers: list, max_token_length=None,
+                 weighted: bool = False):
+        self.arch, self.text_encoders, self.tokenizers = arch, text_encoders, tokenizers
+        self.max_token_length, self.weighted = max_token_length, weighted
+
+    def tokenize(self, captions):
+        return list(captions) if self.weighted else self.arch.tokenize(self.tokenizers, list(captions), self.max_token_length)
+
+    def encode(self, tokens, captions) -> dict:
+        device = next(self.text_encoders[0].parameters()).device
+        if self.weighted:
+            cond = self.arch.encode_weighted(self.text_encoders, self.tokenizers, list(captions), self.max_token_length)
+        else:
+            cond = self.arch.encode_tokens(self.text_encoders, tokens.to(device), self.tokenizers)
+        h1, h2, pooled = cond.split(self.text_encoders[0].config.hidden_size)
+        return {"hidden_state1": h1, "hidden_state2": h2, "pool2": pooled}

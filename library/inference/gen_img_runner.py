@@ -7,8 +7,8 @@ Order of work (everything the user can get wrong is checked before a model loads
 1. `check_inputs`: the output folder is created and test-written, the model path, VAE,
    network modules and files, init images and masks, prompt file and embeddings are
    checked, options that this version does not implement are reported.
-2. `GenerationPipeline.load`: the architecture object (SD1.x/2.x now; SDXL plugs in
-   through `select_architecture`) loads the models; networks are applied or merged;
+2. `GenerationPipeline.load`: the architecture object (SD1.x/2.x or SDXL, picked by
+   `select_architecture`) loads the models; networks are applied or merged;
    textual-inversion tokens are added; `library.inference.sd_sampling.create_sampler`
    builds the denoising loop shared with the trainer's previews.
 3. `Generator.run`: for every iteration (--n_iter) and prompt, dynamic prompts are
@@ -326,12 +326,13 @@ def _looks_like_sdxl(path: str) -> bool:
 
 
 def select_architecture(args, ckpt: str):
-    """The architecture object for the model: SD1.x/2.x, or SDXL once its module exists."""
+    """The architecture object for the model: SDXL with --sdxl or when the file/folder is
+    SDXL (and neither --v1 nor --v2 is given), SD1.x/2.x otherwise."""
     if args.sdxl or (not args.v1 and not args.v2 and _looks_like_sdxl(ckpt)):
-        try:
-            from library.arch.sdxl import SDXLArchitecture  # noqa: F401  (added by the SDXL work)
-        except ImportError:
-            raise UserInputError(f"{ckpt}: SDXL models are not supported by gen_img.py in this version yet") from None
+        from library.arch.sdxl import SDXLArchitecture
+
+        if not args.sdxl:
+            logger.info("%s: an SDXL model (two text encoders); generating with SDXL conditioning", ckpt)
         return SDXLArchitecture.from_args(args)
     from library.arch.sd import SDArchitecture
 
@@ -349,7 +350,8 @@ def pick_device():
 
 
 def _textual_inversion(path: str):
-    """(token string, (n, dim) float tensor) from an embedding file (formats.md §h)."""
+    """(token string, [(n, dim) float tensor per text encoder]) from an embedding file
+    (formats.md §h): one tensor for SD1.x/2.x files, `clip_l` and `clip_g` for SDXL ones."""
     import torch
 
     from library.io.safetensors_io import is_safetensors_path, load_state_dict
@@ -366,13 +368,18 @@ def _textual_inversion(path: str):
     if isinstance(data, dict) and "string_to_param" in data:
         data = data["string_to_param"]
         data = getattr(data, "_parameters", data)
-    if isinstance(data, dict):
-        data = data.get("emb_params", next(iter(data.values()), None)) if data else None
-    if not isinstance(data, torch.Tensor):
-        raise UserInputError(f"--textual_inversion_embeddings {path}: no embedding tensor found")
-    embeds = data.detach().float()
-    if embeds.dim() == 1:
-        embeds = embeds.unsqueeze(0)
+    if isinstance(data, dict) and isinstance(data.get("clip_l"), torch.Tensor) and isinstance(data.get("clip_g"), torch.Tensor):
+        parts = [data["clip_l"], data["clip_g"]]
+    else:
+        if isinstance(data, dict):
+            data = data.get("emb_params", next(iter(data.values()), None)) if data else None
+        if not isinstance(data, torch.Tensor):
+            raise UserInputError(f"--textual_inversion_embeddings {path}: no embedding tensor found")
+        parts = [data]
+    embeds = [p.detach().float() for p in parts]
+    embeds = [e.unsqueeze(0) if e.dim() == 1 else e for e in embeds]
+    if len({e.shape[0] for e in embeds}) != 1:
+        raise UserInputError(f"--textual_inversion_embeddings {path}: clip_l and clip_g hold different vector counts")
     return os.path.splitext(os.path.basename(path))[0], embeds
 
 
@@ -403,7 +410,7 @@ class GenerationPipeline:
         models = arch.load_models(model_args, dtype=dtype)
         text_encoders = list(getattr(models, "text_encoders", None) or [models.text_encoder])
         vae, unet = models.vae, models.unet
-        tokenizers = cls._tokenizers(arch, model_args, checked.ckpt)
+        tokenizers = cls._tokenizers(arch, model_args, checked.ckpt, len(text_encoders))
         logger.info("model loaded in %.1f s (%s)", time.time() - t0, getattr(arch, "base_model_version", arch.name))
 
         vae.to(device, torch.float32 if args.no_half_vae else dtype).eval()
@@ -434,12 +441,14 @@ class GenerationPipeline:
         return pipe
 
     @staticmethod
-    def _tokenizers(arch, model_args, ckpt: str) -> list:
-        if os.path.isdir(os.path.join(ckpt, "tokenizer")):
+    def _tokenizers(arch, model_args, ckpt: str, count: int = 1) -> list:
+        """A diffusers folder's own tokenizer(s) (tokenizer, tokenizer_2), else the architecture's."""
+        subfolders = ["tokenizer"] + [f"tokenizer_{i + 1}" for i in range(1, count)]
+        if all(os.path.isdir(os.path.join(ckpt, sub)) for sub in subfolders):
             from transformers import CLIPTokenizer
 
             try:
-                return [CLIPTokenizer.from_pretrained(ckpt, subfolder="tokenizer")]
+                return [CLIPTokenizer.from_pretrained(ckpt, subfolder=sub) for sub in subfolders]
             except Exception as e:  # an incomplete folder: fall back to the cached tokenizer
                 logger.warning("%s/tokenizer: cannot load it (%s); using the standard tokenizer", ckpt, e)
         return arch.load_tokenizers(model_args)
@@ -461,10 +470,14 @@ class GenerationPipeline:
     def add_textual_inversion(self, path: str) -> None:
         import torch
 
-        token, embeds = _textual_inversion(path)
-        n = embeds.shape[0]
+        token, parts = _textual_inversion(path)
+        if len(parts) != len(self.text_encoders):
+            kinds = {1: "SD1.x/2.x (one tensor)", 2: "SDXL (clip_l and clip_g)"}
+            raise UserInputError(f"--textual_inversion_embeddings {path}: an {kinds.get(len(parts), str(len(parts)))} "
+                                 f"embedding; this model has {len(self.text_encoders)} text encoder(s)")
+        n = parts[0].shape[0]
         strings = [token] + [f"{token}{i}" for i in range(1, n)]
-        for tokenizer, te in zip(self.tokenizers, self.text_encoders):
+        for tokenizer, te, embeds in zip(self.tokenizers, self.text_encoders, parts):
             width = te.get_input_embeddings().weight.shape[1]
             if embeds.shape[1] != width:
                 raise UserInputError(

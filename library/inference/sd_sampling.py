@@ -189,7 +189,8 @@ class LatentDiffusionSampler:
         do_cfg = guidance_scale > 1.0
         use_negative_scale = do_cfg and negative_scale is not None
         texts = ([""] * n if use_negative_scale else []) + (negatives if do_cfg else []) + prompts
-        cond = self.encode_conditioning(texts, width, height, dict(extra or {}))
+        # extra["negative_rows"]: how many leading rows are negative/unconditional (SDXL sizes)
+        cond = self.encode_conditioning(texts, width, height, {**(extra or {}), "negative_rows": len(texts) - n})
         copies = len(texts) // n
 
         shape = (n, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)

@@ -189,7 +189,8 @@ def svd_merge(loras: Sequence[LoraFile], weights_for: Callable[[int, str], float
 
 
 def merge_factors(loras: Sequence[LoraFile], ratios: Sequence[float], concat: bool = False, shuffle: bool = False,
-                  generator: torch.Generator | None = None, show_progress: bool = True) -> Result:
+                  generator: torch.Generator | None = None, show_progress: bool = True,
+                  weights_for: Callable[[int, str], float] | None = None) -> Result:
     """Merge LoRAs into one without SVD.
 
     Each LoRA's factors are scaled by c = sqrt(|ratio * scale / base_scale|) (the down factor
@@ -201,14 +202,20 @@ def merge_factors(loras: Sequence[LoraFile], ratios: Sequence[float], concat: bo
     * with concat: the factors are stacked along the rank, alpha = base_scale * total rank:
       the delta is exactly sum(ratio_i * delta_i).
     shuffle: permute the rank components of the result (the delta does not change).
+    weights_for(lora index, module name): the weight of each module instead of its LoRA's
+    ratio (LoRA block weights, see lbw_weight_fn); modules whose every weight is 0 are left out.
     """
     res = Result()
     names = _module_order(loras)
     with torch.no_grad():
         for name in progress_bar(names, desc="merging", enabled=show_progress):
             t0 = time.perf_counter()
-            contribs = _contributions(loras, lambda i, _n: ratios[i], name)
+            contribs = _contributions(loras, weights_for or (lambda i, _n: ratios[i]), name)
             layer_shape = _check_shapes(name, contribs, loras)
+            if weights_for is not None:
+                contribs = [c for c in contribs if c[2] != 0] or None
+                if contribs is None:
+                    continue
             base = contribs[0][1]
             if not concat:
                 ranks = {m.rank for _, m, _ in contribs}

@@ -105,11 +105,14 @@ def check_against(lora: LoraFile, layers: dict[str, tuple[str, disc.Target]], mo
     raise UserInputError(f"{what} {lora.path}: " + "; ".join(parts) + hint)
 
 
-def merge_into(models, loras: Sequence[tuple[LoraFile, float]], device=None, show_progress: bool = True) -> tuple[int, int]:
+def merge_into(models, loras: Sequence[tuple[LoraFile, float]], device=None, show_progress: bool = True,
+               weights_for=None) -> tuple[int, int]:
     """Fold each (LoRA, ratio) into the model's layers in place; call check_against (with
     all_layers) first. Modules on layers networks.lora trains are merged by networks.lora's own
     merge; modules on other layers (conv_in, ...) get W += ratio * delta directly. Both compute
-    in float32 and store in the layer's dtype. Returns (modules merged, of which direct)."""
+    in float32 and store in the layer's dtype. `weights_for(lora index, module name)`, when
+    given, replaces the ratio per module (LoRA block weights: ratio x block weight).
+    Returns (modules merged, of which direct)."""
     import networks.lora as lora_net
     from library.networks.network import split_by_module
 
@@ -117,7 +120,8 @@ def merge_into(models, loras: Sequence[tuple[LoraFile, float]], device=None, sho
     everything = None
     merged = direct = 0
     tes = text_encoders_of(models)
-    for lf, ratio in loras:
+    for index, (lf, ratio) in enumerate(loras):
+        weight = (lambda name, r=ratio: r) if weights_for is None else (lambda name, i=index: weights_for(i, name))
         own = [m for name, m in lf.modules.items() if name in trained]
         other = [m for name, m in lf.modules.items() if name not in trained]
         with torch.no_grad():
@@ -128,7 +132,7 @@ def merge_into(models, loras: Sequence[tuple[LoraFile, float]], device=None, sho
                 per_module = split_by_module(weights)
                 for m in progress_bar(net.all_loras, desc=f"merging {lf.title}", enabled=show_progress):
                     m.load_state_dict(per_module[m.lora_name], strict=False)
-                    m.merge_into_layer(ratio, None, device)
+                    m.merge_into_layer(weight(m.lora_name), None, device)
                     merged += 1
                 del net, weights
             if other:
@@ -136,7 +140,7 @@ def merge_into(models, loras: Sequence[tuple[LoraFile, float]], device=None, sho
                 for m in other:
                     w = everything[m.name][1].module.weight
                     dev = device or w.device
-                    w.copy_((w.detach().to(dev, torch.float32) + m.delta(ratio, dev)).to(w.device, w.dtype))
+                    w.copy_((w.detach().to(dev, torch.float32) + m.delta(weight(m.name), dev)).to(w.device, w.dtype))
                     merged += 1
                     direct += 1
                 logger.info("%s: %d modules on layers outside networks.lora's (e.g. %s) merged directly", lf.path,

@@ -203,6 +203,11 @@ class AdapterNetwork(torch.nn.Module):
                 self._assemble(self.unet_loras, base, ratio, "unet", groups, descriptions)
         return groups, descriptions
 
+    def prepare_optimizer_params_with_multiple_te_lrs(self, text_encoder_lr, unet_lr, default_lr):
+        """The trainer's entry for `--text_encoder_lr a b`: one learning rate per text encoder
+        (SDXL: CLIP-L modules at a, bigG modules at b); same groups as prepare_optimizer_params."""
+        return self.prepare_optimizer_params(text_encoder_lr, unet_lr, default_lr)
+
     # -- files ---------------------------------------------------------------------------
     def load_weights(self, file):
         """Load a weights file into this network (non-strict). Returns torch's load result

@@ -36,7 +36,17 @@ class RunState:
 
 
 class NetworkTrainer:
-    """Subclasses (SDXL, FLUX, SD3) replace `architecture_class` and a few hooks."""
+    """Subclasses (SDXL, FLUX, SD3) replace `architecture_class` and a few hooks.
+
+    Everything that differs between architectures comes from the architecture object:
+    `load_models` / `text_encoders(models)` / `load_tokenizers`, `tokenize_captions` (the
+    dataset's token ids), `encode_batch` (text conditioning of a batch: token ids, weighted
+    captions or cached text-encoder outputs), `text_encoder_cache_strategy`,
+    `call_denoiser` (extra conditioning such as SDXL's sizes taken from the batch),
+    `image_sampler_class` (previews), `modelspec_kwargs`, `check_model_path`,
+    `bucket_reso_multiple`. The network module picks its targets and key prefixes from
+    the U-Net it is given and the number of text encoders.
+    """
 
     from library.arch.sd import SDArchitecture as architecture_class  # noqa: N811
 
@@ -118,10 +128,10 @@ class NetworkTrainer:
         optimizers.resolve_optimizer_class(args)  # unknown names fail before models load
 
         arch = self.make_architecture(args)
+        self.check_architecture_args(args, arch)
         train_group, val_group = self.build_datasets(args, arch)
 
         import torch
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         accelerator = self.make_accelerator(args)
@@ -133,7 +143,7 @@ class NetworkTrainer:
         t0 = time.time()
         # converted while reading, one tensor at a time: no second full-precision copy
         models = arch.load_models(args, dtype=weight_dtype, vae_dtype=torch.float32 if args.no_half_vae else weight_dtype)
-        text_encoders = [models.text_encoder]
+        text_encoders = arch.text_encoders(models)
         vae, unet = models.vae, models.unet
         logger.info("models loaded in %.1f s", time.time() - t0)
         tokenizers = arch.load_tokenizers(args)
@@ -141,8 +151,11 @@ class NetworkTrainer:
 
         # data: latents and tokens
         self.cache_latents_if_requested(args, arch, accelerator, vae, train_group, val_group)
-        if not args.weighted_captions:  # weighted captions are tokenized with their weights at encode time
-            tokenize = lambda caps: arch.tokenize(tokenizers[0], caps, args.max_token_length)  # noqa: E731
+        te_cached = self.cache_text_encoder_outputs_if_requested(args, arch, accelerator, text_encoders, tokenizers,
+                                                                 train_group, val_group)
+        # weighted captions are tokenized with their weights at encode time; cached outputs need no tokens
+        if not args.weighted_captions and not te_cached:
+            tokenize = lambda caps: arch.tokenize_captions(tokenizers, caps, args.max_token_length)  # noqa: E731
             for g in (train_group, val_group):
                 if g is not None:
                     g.set_tokenize_fn(tokenize)
@@ -157,7 +170,7 @@ class NetworkTrainer:
 
             te_for_network = plugin_view(text_encoders)
         te_arg = te_for_network[0] if len(te_for_network) == 1 else te_for_network
-        self.merge_base_weights(args, network_module, vae, te_for_network, unet)
+        self.merge_base_weights(args, network_module, vae, te_arg, unet)
         network = self.create_network(args, network_module, net_kwargs, vae, te_for_network, unet)
         if args.scale_weight_norms and not hasattr(network, "apply_max_norm_regularization"):
             raise UserInputError(f"--scale_weight_norms: {args.network_module} does not support max-norm regularisation")
@@ -181,7 +194,10 @@ class NetworkTrainer:
 
         # optimizer and schedule
         te_lr = self.text_encoder_lr(args, network)
-        prepared = network.prepare_optimizer_params(te_lr, args.unet_lr, args.learning_rate)
+        if isinstance(te_lr, list):  # one learning rate per text encoder
+            prepared = network.prepare_optimizer_params_with_multiple_te_lrs(te_lr, args.unet_lr, args.learning_rate)
+        else:
+            prepared = network.prepare_optimizer_params(te_lr, args.unet_lr, args.learning_rate)
         param_groups = prepared[0] if isinstance(prepared, tuple) else prepared
         if not param_groups:
             raise UserInputError("nothing to train: every parameter group has learning rate 0 (check --unet_lr/--text_encoder_lr)")
@@ -340,12 +356,53 @@ class NetworkTrainer:
         return SchemaSupport(dreambooth=True, finetuning=True, controlnet=bool(getattr(args, "masked_loss", False)), dropout=True)
 
     def build_datasets(self, args, arch):
-        from library.data.datasets import build_from_args
+        from library.data.datasets import build_from_args, check_caching_compatibility
 
         train_group, val_group = build_from_args(args, self.dataset_support(args), seed=args.seed)
         if len(train_group) == 0:
             raise UserInputError("the dataset has no images (check --train_data_dir / --dataset_config)")
+        multiple = getattr(arch, "bucket_reso_multiple", None)
+        for g in (train_group, val_group):
+            for d in getattr(g, "datasets", None) or []:
+                p = d.params
+                if multiple and p.enable_bucket and p.bucket_reso_steps % multiple:
+                    raise UserInputError(f"{d.where}: bucket_reso_steps {p.bucket_reso_steps} must be a multiple of "
+                                         f"{multiple} for this model (--bucket_reso_steps)")
+            if g is not None and getattr(args, "cache_text_encoder_outputs", False):
+                check_caching_compatibility(g, cache_text_encoder_outputs=True)
         return train_group, val_group
+
+    def check_architecture_args(self, args, arch) -> None:
+        """Checks that need the architecture object (still before anything loads)."""
+        arch.check_model_path(args.pretrained_model_name_or_path)
+        if getattr(args, "cache_text_encoder_outputs", False):
+            if not getattr(arch, "supports_text_encoder_caching", False):
+                raise UserInputError("--cache_text_encoder_outputs is not available for this model type")
+            if not args.network_train_unet_only:
+                raise UserInputError("--cache_text_encoder_outputs needs --network_train_unet_only: text-encoder "
+                                     "LoRA modules cannot be trained on cached text-encoder outputs")
+
+    def cache_text_encoder_outputs_if_requested(self, args, arch, accelerator, text_encoders, tokenizers,
+                                                train_group, val_group) -> bool:
+        """--cache_text_encoder_outputs(_to_disk): every caption encoded once, before training.
+        The text encoders then go to the CPU (previews still use them there)."""
+        if not getattr(args, "cache_text_encoder_outputs", False):
+            return False
+        import torch
+
+        strategy = arch.text_encoder_cache_strategy(args, text_encoders, tokenizers, accelerator.device)
+        batch_size = getattr(args, "text_encoder_batch_size", None) or args.train_batch_size or 1
+        with torch.no_grad(), accelerator.autocast():
+            for g in (train_group, val_group):
+                if g is not None:
+                    g.cache_text_encoder_outputs(strategy, to_disk=bool(args.cache_text_encoder_outputs_to_disk),
+                                                 batch_size=batch_size, skip_cache_check=args.skip_cache_check,
+                                                 process_index=accelerator.process_index,
+                                                 num_processes=accelerator.num_processes)
+        accelerator.wait_for_everyone()
+        for te in text_encoders:
+            te.to("cpu")
+        return True
 
     def cache_latents_if_requested(self, args, arch, accelerator, vae, train_group, val_group) -> None:
         if not args.cache_latents:
@@ -371,14 +428,15 @@ class NetworkTrainer:
         accelerator.wait_for_everyone()
         vae.to("cpu")
 
-    def merge_base_weights(self, args, module, vae, text_encoders, unet) -> None:
+    def merge_base_weights(self, args, module, vae, text_encoder, unet) -> None:
+        """--base_weights folded into the model; `text_encoder` is one model or the list (SDXL)."""
         if not args.base_weights:
             return
         multipliers = args.base_weights_multiplier or []
         for i, path in enumerate(args.base_weights):
             m = multipliers[i] if i < len(multipliers) else 1.0
-            net, weights_sd = module.create_network_from_weights(m, path, vae, text_encoders[0], unet, for_inference=True)
-            net.merge_to(text_encoders[0], unet, weights_sd, None, "cpu")
+            net, weights_sd = module.create_network_from_weights(m, path, vae, text_encoder, unet, for_inference=True)
+            net.merge_to(text_encoder, unet, weights_sd, None, "cpu")
             logger.info("merged base weights %s (multiplier %s)", path, m)
 
     def create_network(self, args, module, kwargs, vae, text_encoders, unet):
@@ -397,12 +455,15 @@ class NetworkTrainer:
 
     @staticmethod
     def text_encoder_lr(args, network):
+        """--text_encoder_lr: a list (one per text encoder) for networks that take several
+        (`prepare_optimizer_params_with_multiple_te_lrs`) when more than one value is given;
+        otherwise the first value."""
         lrs = args.text_encoder_lr
         if lrs is None:
             return None
         if not isinstance(lrs, (list, tuple)):
             return lrs
-        if hasattr(network, "prepare_optimizer_params_with_multiple_te_lrs"):
+        if len(lrs) > 1 and hasattr(network, "prepare_optimizer_params_with_multiple_te_lrs"):
             return list(lrs)
         return lrs[0] if lrs else None
 
@@ -458,7 +519,6 @@ class NetworkTrainer:
 
     # ------------------------------------------------------------------ the loop
     def loop(self, ctx) -> None:
-        import torch
         from tqdm.auto import tqdm
 
         from library.training.optimizers import current_learning_rates, report_loss
@@ -542,14 +602,8 @@ class NetworkTrainer:
                 latents = ctx.vae.encode(images).latent_dist.sample().float()
             latents = torch.nan_to_num(latents, 0.0) * arch.latent_scale
         with torch.set_grad_enabled(ctx.train_te), acc.autocast():
-            if a.weighted_captions:  # (word:1.2) / [word] syntax in captions
-                from library.inference.prompt_weighting import encode_weighted
-
-                context = encode_weighted(arch, ctx.text_encoders[0], ctx.tokenizers[0], batch["captions"],
-                                          a.max_token_length, a.clip_skip)
-            else:
-                ids = batch["input_ids"].to(acc.device)
-                context = arch.encode_tokens(ctx.text_encoders[0], ids, ctx.tokenizers[0], a.clip_skip)
+            # token ids, (word:1.2) weighted captions or cached outputs: the architecture knows
+            context = arch.encode_batch(ctx.text_encoders, ctx.tokenizers, batch, a, acc.device)
         with acc.autocast():
             noisy, target, timesteps, extras = arch.noise_and_target(latents)
             pred = arch.call_denoiser(ctx.denoiser or ctx.unet, noisy.to(ctx.weight_dtype), timesteps, context.to(ctx.weight_dtype), batch)
