@@ -109,7 +109,7 @@ def main(argv=None):
                 return lambda: (loaded_org.pop(k), loaded_tuned.pop(k))
         pairs = (ops.WeightPair(fl.lora_name(fl.PREFIX_UNET, k[: -len(".weight")]), "linear", tuple(org.shapes[k]),
                                 loader(k)) for k in keys)
-        res = ops.extract(pairs, args.dim, None, args.clamp_quantile, args.device, total=len(keys))
+        res = ops.extract(pairs, args.dim, None, args.clamp_quantile, args.device, total=len(keys), svd="top")
     finally:
         org.close()
         tuned.close()

@@ -379,7 +379,7 @@ def test_merge_loras_together_concat_and_same_rank(tiny, tmp_path):
 
 
 # -- extraction -----------------------------------------------------------------------------------
-def test_extract_recovers_known_deltas(tiny, tmp_path):
+def test_extract_recovers_known_deltas(tiny, tmp_path, monkeypatch):
     from library.lora_tools.flux import default_targets
 
     paths, shapes = tiny
@@ -409,6 +409,18 @@ def test_extract_recovers_known_deltas(tiny, tmp_path):
     worst = max(float((got[n] - deltas[n]).norm() / deltas[n].norm()) for n in deltas)
     print(f"extraction: largest relative error of the recovered deltas {worst:.2e}")
     assert worst < 1e-3
+    # the randomized top-k SVD that real-width layers get (forced here on the tiny layers)
+    from library.lora_tools import linalg
+
+    monkeypatch.setattr(linalg, "DENSE_SVD_LIMIT", 8)
+    run_tool("networks.flux_extract_lora", ["--model_org", paths["flux"], "--model_tuned", str(tuned_path),
+                                            "--save_to", str(tmp_path / "randomized.safetensors"), "--dim", "3",
+                                            "--clamp_quantile", "1", "--mem_eff_safe_open"])
+    got_r = module_deltas(load_file(str(tmp_path / "randomized.safetensors")))
+    worst_r = max(float((got_r[n] - deltas[n]).norm() / deltas[n].norm()) for n in deltas)
+    print(f"extraction with the randomized SVD: largest relative error {worst_r:.2e}")
+    assert worst_r < 1e-3
+    monkeypatch.undo()
     with safe_open(str(tmp_path / "whole.safetensors"), "pt") as f:
         md = f.metadata()
     assert md["ss_network_module"] == "networks.lora_flux" and md["ss_network_dim"] == "3"
@@ -430,6 +442,31 @@ def test_extract_recovers_known_deltas(tiny, tmp_path):
     assert all(t.dtype == torch.bfloat16 for t in clamped.values())
     with safe_open(str(tmp_path / "clamped.safetensors"), "pt") as f:
         assert not any(k.startswith("modelspec.") for k in f.metadata())
+
+
+def test_svd_top_is_near_optimal():
+    """linalg.svd_top on a 2048 x 1280 matrix (randomized path) with a slowly decaying spectrum:
+    the rank-r truncation's Frobenius error is within 1e-3 of the optimum (the dense SVD's), and
+    a matrix of rank <= r comes back exactly."""
+    from library.lora_tools import linalg
+
+    g = torch.Generator().manual_seed(0)
+    m, n = 2048, 1280
+    u, _ = torch.linalg.qr(torch.randn(m, n, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    s = 1 / torch.arange(1, n + 1, dtype=torch.float32) ** 0.5
+    w = (u * s) @ v.T
+    for r in (4, 32):
+        U, S, Vh = linalg.svd_top(w, r)
+        assert U.shape[1] < n  # the randomized path, not a dense SVD
+        err = float(torch.linalg.norm(w - (U[:, :r] * S[:r]) @ Vh[:r]))
+        ud, sd, vd = torch.linalg.svd(w, full_matrices=False)
+        best = float(torch.linalg.norm(w - (ud[:, :r] * sd[:r]) @ vd[:r]))
+        print(f"svd_top rank {r}: Frobenius error {err / best - 1:+.2e} relative to the dense SVD's")
+        assert err <= best * (1 + 1e-3)
+    low = (torch.randn(m, 6, generator=g) @ torch.randn(6, n, generator=g))
+    U, S, Vh = linalg.svd_top(low, 6)
+    assert float(torch.linalg.norm(low - (U[:, :6] * S[:6]) @ Vh[:6]) / torch.linalg.norm(low)) < 1e-5
 
 
 # -- conversion -----------------------------------------------------------------------------------

@@ -72,6 +72,47 @@ def svd_dense(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return torch.linalg.svd(w, full_matrices=False)
 
 
+# Below this smaller dimension, or when the asked rank is a sizeable part of it, a dense SVD
+# is cheap enough and exact.
+DENSE_SVD_LIMIT = 1024
+POWER_ITERATIONS = 6
+
+
+def svd_top(w: torch.Tensor, rank: int, oversample: int | None = None, power_iters: int = POWER_ITERATIONS,
+            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The leading singular triplets (U, S, Vh) of a dense matrix, at least `rank` of them.
+
+    Small matrices (smaller dimension <= DENSE_SVD_LIMIT, or rank + oversampling above a quarter
+    of it) get the dense SVD. Large ones a randomized subspace iteration (Halko, Martinsson &
+    Tropp 2011): a Gaussian sketch of k = rank + oversample columns (oversample default
+    max(rank, 16)), `power_iters` rounds of A^T / A products with re-orthonormalisation, and
+    the dense SVD of the k x n projection. The sketch's seed is fixed, so results are
+    reproducible. Cost O(m n k (2 q + 2)) instead of O(m n min(m, n)): for a 18432 x 3072 FLUX
+    layer at rank 16 about 1 s instead of a minute or two on a CPU. Exact (to rounding) when
+    the matrix has rank <= k; otherwise each of the top singular values converges with the
+    ratio (s_{k+1} / s_i)^(2q+1), so the rank-r truncation keeps essentially the optimal
+    Frobenius norm (measured: within 1e-4 relative of the dense SVD's on a slowly decaying
+    spectrum, tests/test_flux_lora_tools.py)."""
+    m, n = w.shape
+    small = min(m, n)
+    p = max(rank, 16) if oversample is None else oversample
+    k = rank + p
+    if small <= DENSE_SVD_LIMIT or 4 * k >= small:
+        return svd_dense(w)
+    a = w if m >= n else w.mT  # (M, N), M >= N
+    g = torch.Generator(device=a.device).manual_seed(seed)
+    omega = torch.randn(a.shape[1], k, generator=g, device=a.device, dtype=a.dtype)
+    q, _ = torch.linalg.qr(a @ omega)
+    for _ in range(power_iters):
+        z, _ = torch.linalg.qr(a.mT @ q)
+        q, _ = torch.linalg.qr(a @ z)
+    ub, s, vh = torch.linalg.svd(q.mT @ a, full_matrices=False)
+    u = q @ ub
+    if m >= n:
+        return u, s, vh
+    return vh.mT, s, u.mT
+
+
 def select_rank(s: torch.Tensor, max_rank: int, method: str | None = None, param: float | None = None) -> int:
     """The rank to keep (see the module docstring). `s`: singular values, descending."""
     avail = int(s.numel())
@@ -111,13 +152,16 @@ class Retention:
     max_ratio: float  # S[0] / S[r-1]
 
     @staticmethod
-    def of(s: torch.Tensor, rank: int) -> "Retention":
+    def of(s: torch.Tensor, rank: int, total_sq: float | None = None) -> "Retention":
+        """From the singular values `s`; `total_sq`: the squared Frobenius norm of the whole
+        matrix when `s` holds only the leading values (then sum_fraction is over those)."""
         s64 = s.detach().double().cpu()
         total = float(s64.sum())
         if s64.numel() == 0 or total <= 0:
             return Retention(1.0, 1.0, 1.0)
         kept = s64[:rank]
-        fro = float(torch.sqrt((kept * kept).sum() / (s64 * s64).sum()))
+        denom = float((s64 * s64).sum()) if total_sq is None else max(float(total_sq), float((s64 * s64).sum()))
+        fro = math.sqrt(float((kept * kept).sum()) / denom)
         last = float(kept[-1]) if kept.numel() else 0.0
         return Retention(float(kept.sum()) / total, fro, float(s64[0]) / last if last > 0 else math.inf)
 

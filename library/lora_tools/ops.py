@@ -283,10 +283,14 @@ class WeightPair:
 
 
 def extract(pairs: Iterable[WeightPair], dim: int, conv_dim: int | None, clamp_quantile: float | None = 0.99,
-            device=None, show_progress: bool = True, total: int | None = None) -> Result:
+            device=None, show_progress: bool = True, total: int | None = None, svd: str = "dense") -> Result:
     """LoRA modules approximating tuned - original: truncated SVD at `dim` (kxk convolutions at
     `conv_dim`; without it they are skipped), up = U S, down = Vh, both clamped at the
-    `clamp_quantile` of their entries (>= 1: no clamping), alpha = rank (scale 1)."""
+    `clamp_quantile` of their entries (>= 1: no clamping), alpha = rank (scale 1).
+    svd: "dense" (the full SVD of every difference) or "top" (linalg.svd_top: the leading
+    components only, randomized for large matrices)."""
+    if svd not in ("dense", "top"):
+        raise ValueError(f"svd must be 'dense' or 'top', not {svd!r}")
     if dim < 1 or (conv_dim is not None and conv_dim < 1):
         raise UserInputError("--dim / --conv_dim must be at least 1")
     res = Result()
@@ -301,13 +305,20 @@ def extract(pairs: Iterable[WeightPair], dim: int, conv_dim: int | None, clamp_q
             del org, tuned
             mat = diff.reshape(diff.shape[0], -1)
             rank = min(conv_dim if p.kind == "conv" else dim, mat.shape[0], mat.shape[1])
-            u, s, vh = linalg.svd_dense(mat)
+            if svd == "top":
+                total_sq = float(torch.linalg.vector_norm(mat)) ** 2
+                u, s, vh = linalg.svd_top(mat, rank)
+            else:
+                total_sq = None
+                u, s, vh = linalg.svd_dense(mat)
+            del diff, mat
             up2d, down2d = linalg.truncate(u, s, vh, rank)
+            del u, vh
             up2d, down2d = linalg.clamp_factors(up2d, down2d, clamp_quantile)
             up, down = linalg.to_layer_shapes(_cpu(up2d), _cpu(down2d), p.layer_shape)
             res.modules[p.name] = LoraModule(p.name, down, up, float(rank))
             res.reports.append(ModuleReport(p.name, p.kind, p.layer_shape, 0, rank, time.perf_counter() - t0,
-                                            linalg.Retention.of(s, rank)))
+                                            linalg.Retention.of(s, rank, total_sq)))
     return res
 
 
