@@ -179,11 +179,7 @@ class NetworkTrainer:
             info = network.load_weights(args.network_weights)
             logger.info("loaded network weights from %s: %s", args.network_weights, info)
         if args.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-            for te in text_encoders:
-                te.gradient_checkpointing_enable()
-            if hasattr(network, "enable_gradient_checkpointing"):
-                network.enable_gradient_checkpointing()
+            self.enable_gradient_checkpointing(args, unet, text_encoders, network)
 
         if vae is not None and not args.cache_latents:
             vae.to(accelerator.device, dtype=torch.float32 if args.no_half_vae else weight_dtype)
@@ -250,6 +246,8 @@ class NetworkTrainer:
             num_epochs=num_epochs, optimizer_name=optimizers.optimizer_metadata_string(optimizer_name, optimizer_args_str),
             text_encoder_lr=te_lr, network_args=net_kwargs if args.network_args else None, num_processes=num_processes,
         )
+        if hasattr(arch, "training_metadata"):  # architecture keys, e.g. FLUX's ss_timestep_sampling
+            base_metadata.update({k: v if isinstance(v, str) else str(v) for k, v in arch.training_metadata(args).items()})
         ctx = TrainContext(args, arch, accelerator, network, optimizer, scheduler, loader, train_group, val_group,
                            text_encoders, tokenizers, vae, unet, weight_dtype, base_metadata, state, num_epochs,
                            train_te, time.time(), te_for_network=te_arg, denoiser=denoiser)
@@ -299,6 +297,15 @@ class NetworkTrainer:
         if args.highvram:
             logger.info("--highvram: models stay on the device between phases")
         return model_options.compile_model(unet, args) if args.torch_compile else unet
+
+    def enable_gradient_checkpointing(self, args, unet, text_encoders, network) -> None:
+        """--gradient_checkpointing on the denoiser, the text encoders and the network."""
+        unet.enable_gradient_checkpointing()
+        for te in text_encoders:
+            if te is not None:
+                te.gradient_checkpointing_enable()
+        if hasattr(network, "enable_gradient_checkpointing"):
+            network.enable_gradient_checkpointing()
 
     def make_accelerator(self, args):
         from accelerate import Accelerator
@@ -415,14 +422,19 @@ class NetworkTrainer:
         vae.to(accelerator.device, dtype=dtype)
         gen = torch.Generator(device="cpu").manual_seed(args.seed)
 
+        custom = getattr(arch, "encode_latents_for_cache", None)  # e.g. FLUX caches scaled latents
+
         @torch.no_grad()
         def encode(images):
-            dist = vae.encode(images.to(accelerator.device, dtype=dtype)).latent_dist
-            return dist.sample(generator=gen).float().cpu()
+            images = images.to(accelerator.device, dtype=dtype)
+            if custom is not None:
+                return custom(vae, images, generator=gen).float().cpu()
+            return vae.encode(images).latent_dist.sample(generator=gen).float().cpu()
 
+        fmt = getattr(arch, "latent_cache_format", None) or LATENT_FORMATS[arch.name]
         for g in (train_group, val_group):
             if g is not None:
-                g.cache_latents(encode, LATENT_FORMATS[arch.name], to_disk=args.cache_latents_to_disk,
+                g.cache_latents(encode, fmt, to_disk=args.cache_latents_to_disk,
                                 batch_size=args.vae_batch_size, skip_cache_check=args.skip_cache_check,
                                 process_index=accelerator.process_index, num_processes=accelerator.num_processes)
         accelerator.wait_for_everyone()
@@ -543,6 +555,9 @@ class NetworkTrainer:
                     acc.backward(loss)
                     if acc.sync_gradients and a.max_grad_norm:
                         acc.clip_grad_norm_(params, a.max_grad_norm)
+                    if acc.sync_gradients and hasattr(net, "update_grad_norms"):  # LoRA-GGPO (lora_flux)
+                        net.update_grad_norms()
+                        net.update_norms()
                     ctx.optimizer.step()
                     report_loss(ctx.scheduler, loss.detach())
                     ctx.scheduler.step()
@@ -599,17 +614,50 @@ class NetworkTrainer:
             else:
                 vae_dtype = torch.float32 if a.no_half_vae else ctx.weight_dtype
                 images = batch["images"].to(acc.device, dtype=vae_dtype)
-                latents = ctx.vae.encode(images).latent_dist.sample().float()
+                custom = getattr(arch, "encode_latents_for_cache", None)  # what the cache would hold
+                latents = custom(ctx.vae, images) if custom is not None else ctx.vae.encode(images).latent_dist.sample()
+                latents = latents.float()
             latents = torch.nan_to_num(latents, 0.0) * arch.latent_scale
         with torch.set_grad_enabled(ctx.train_te), acc.autocast():
             # token ids, (word:1.2) weighted captions or cached outputs: the architecture knows
             context = arch.encode_batch(ctx.text_encoders, ctx.tokenizers, batch, a, acc.device)
         with acc.autocast():
             noisy, target, timesteps, extras = arch.noise_and_target(latents)
-            pred = arch.call_denoiser(ctx.denoiser or ctx.unet, noisy.to(ctx.weight_dtype), timesteps, context.to(ctx.weight_dtype), batch)
+            cond = context.to(ctx.weight_dtype)
+            pred = arch.call_denoiser(ctx.denoiser or ctx.unet, noisy.to(ctx.weight_dtype), timesteps, cond, batch)
+            rows = self.dop_rows(batch)
+            if rows:
+                target = self.base_model_target(ctx, batch, rows, noisy.to(ctx.weight_dtype), timesteps, cond, target)
         mask = self.loss_mask(ctx, batch, latents)
         per_sample = arch.loss(pred.float(), target.float(), timesteps, batch["loss_weights"].to(acc.device), mask, extras)
         return per_sample.mean()
+
+    @staticmethod
+    def dop_rows(batch) -> list[int]:
+        """Batch rows of subsets with custom_attributes.diff_output_preservation = true."""
+        attrs = batch.get("custom_attributes") or []
+        return [i for i, a in enumerate(attrs) if isinstance(a, dict) and a.get("diff_output_preservation") is True]
+
+    def base_model_target(self, ctx, batch, rows, noisy, timesteps, cond, target):
+        """Differential Output Preservation (training-math.md §8): for `rows`, the target becomes
+        the base model's own prediction (network multiplier 0, no gradient) on the same noisy
+        input, timestep and conditioning, post-processed like the main prediction. The rest of
+        the loss (weighting, masks, prior_loss_weight) is unchanged."""
+        import torch
+
+        net = ctx.accelerator.unwrap_model(ctx.network)
+        index = torch.tensor(rows, device=noisy.device)
+        old = getattr(net, "multiplier", 1.0)
+        with torch.no_grad():
+            net.set_multiplier(0.0)
+            try:
+                prior = ctx.arch.call_denoiser(ctx.denoiser or ctx.unet, noisy[index], timesteps[index],
+                                               _select_rows(cond, index, rows), _select_batch(batch, rows))
+            finally:
+                net.set_multiplier(old)
+        target = target.clone()
+        target[index] = prior.to(target.dtype)
+        return target
 
     @staticmethod
     def loss_mask(ctx, batch, latents):
@@ -741,6 +789,49 @@ class NetworkTrainer:
                 json.dump(out, fh, indent=2)
         out["loss_history"] = list(ctx.state.loss_history)
         return out
+
+
+def _select_rows(obj, index, rows):
+    """`obj` restricted to the batch rows: tensors, conditioning objects (`select` or
+    dataclasses of tensors), dicts, lists."""
+    import dataclasses
+
+    import torch
+
+    if obj is None:
+        return None
+    if isinstance(obj, torch.Tensor):
+        return obj[index.to(obj.device)]
+    if hasattr(obj, "select") and callable(obj.select):
+        return obj.select(index)
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.replace(obj, **{f.name: _select_rows(getattr(obj, f.name), index, rows)
+                                           for f in dataclasses.fields(obj) if f.init})
+    if isinstance(obj, dict):
+        return {k: _select_rows(v, index, rows) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [obj[i] for i in rows]
+    return obj
+
+
+def _select_batch(batch: dict, rows, n: int | None = None) -> dict:
+    """A batch dict with only `rows` (per-sample tensors and lists; other values as they are)."""
+    import torch
+
+    if n is None:
+        n = len(batch.get("captions") or batch.get("custom_attributes") or [])
+    index = torch.tensor(rows)
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n:
+            out[k] = v[index.to(v.device)]
+        elif isinstance(v, list) and len(v) == n:
+            out[k] = [v[i] for i in rows]
+        elif isinstance(v, dict):
+            out[k] = _select_batch(v, rows, n)
+        else:
+            out[k] = v
+    return out
 
 
 def _release_accelerate_state() -> None:
