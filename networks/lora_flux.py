@@ -710,3 +710,13 @@ def create_network_from_weights(multiplier, file, ae, text_encoders, flux_model,
     if any(r is not None for r in ratios):
         network.set_loraplus_lr_ratio(*ratios)
     return network, weights_sd
+
+
+def check_before_loading(flux_config, network_dim, network_alpha=None, **kwargs) -> None:
+    """Every network arg checked from the checkpoint's config (header only), before models load:
+    keys and values, block selections (0-18 / 0-37), dims."""
+    args = _parse(kwargs)
+    if network_dim is not None and int(network_dim) <= 0:
+        raise UserInputError(f"{MODULE}: --network_dim must be positive, got {network_dim}")
+    parse_block_selection(args.get("train_double_block_indices"), NUM_DOUBLE_BLOCKS, "train_double_block_indices")
+    parse_block_selection(args.get("train_single_block_indices"), NUM_SINGLE_BLOCKS, "train_single_block_indices")
