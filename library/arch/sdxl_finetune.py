@@ -118,11 +118,6 @@ class SDXLFineTuneArchitecture(SDXLArchitecture):
                 "--cache_text_encoder_outputs cannot be used with --train_text_encoder: the outputs of text encoders "
                 "being trained change every step; drop one of them"
             )
-        if getattr(args, "weighted_captions", False) and getattr(args, "cache_text_encoder_outputs", False):
-            raise UserInputError(
-                "--weighted_captions cannot be used with --cache_text_encoder_outputs (the cache holds unweighted "
-                "outputs); drop one of them"
-            )
         if not getattr(args, "train_text_encoder", False):
             for opt in ("learning_rate_te1", "learning_rate_te2"):
                 if getattr(args, opt, None) is not None:

@@ -231,6 +231,11 @@ class FineTuneTrainer(NetworkTrainer):
             train_group.set_tokenize_fn(lambda caps: arch.tokenize_captions(tokenizers, caps, args.max_token_length))
         if vae is not None and not args.cache_latents:
             vae.to(device, dtype=vae_dtype)
+        # frozen models whose outputs are cached sit idle: their memory-mapped pages go back
+        # to the kernel (read back from the file for previews and saves)
+        self.idle_models = ([te for te, p in zip(text_encoders, parts[1:]) if not p.trained] if te_cached else [])
+        self.idle_models += [vae] if args.cache_latents and vae is not None else []
+        self.page_out_idle_models()
 
         if args.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -344,6 +349,22 @@ class FineTuneTrainer(NetworkTrainer):
         return self.summary(ctx, t_start, files)
 
     # ------------------------------------------------------------------ pieces
+    def page_out_idle_models(self) -> None:
+        from library.training.memory import page_out_frozen
+
+        released = page_out_frozen(getattr(self, "idle_models", []))
+        if released:
+            logger.info("released %.0f MiB of idle frozen weights (memory-mapped; read back when needed)",
+                        released / 2**20)
+
+    def dop_rows(self, batch) -> list[int]:
+        """Differential output preservation needs a network to switch off; a full fine-tune has none."""
+        rows = super().dop_rows(batch)
+        if rows and not getattr(self, "_warned_dop", False):
+            logger.warning("custom_attributes.diff_output_preservation: only for network training; ignored here")
+            self._warned_dop = True
+        return []
+
     def init_trackers(self, ctx) -> None:
         if not ctx.args.log_tracker_name:
             ctx.args.log_tracker_name = self.tracker_name
@@ -358,6 +379,7 @@ class FineTuneTrainer(NetworkTrainer):
                 self._warned_previews = True
             return
         super().sample_images(ctx, epoch, step)
+        self.page_out_idle_models()
 
     # ------------------------------------------------------------------ saving
     def network_path(self, ctx, name: str) -> str:
@@ -379,6 +401,7 @@ class FineTuneTrainer(NetworkTrainer):
             ctx.arch.save_full_model(ctx.models, path, ctx.save_format, save_dtype, metadata, ctx.tokenizers,
                                      epoch=epoch, global_step=ctx.state.global_step)
         logger.info("saved %s", path)
+        self.page_out_idle_models()
         return path
 
 
