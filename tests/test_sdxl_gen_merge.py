@@ -196,11 +196,12 @@ def test_gen_img_sdxl_matches_diffusers(env, sampler):
     assert np.abs(ours - theirs).max() <= 1
 
 
-def test_gen_img_size_conditioning_matches_diffusers(env):
+def test_gen_img_size_conditioning_matches_diffusers(env, tmp_path):
     """--ow/--oh (original size), --nw/--nh (negative original size), --ct/--cl (crop)."""
-    (plain,) = _gen(env, "--prompt", f"{PROMPT} --n {NEGATIVE} --d 11", "--sampler", "ddim")
-    (ours,) = _gen(env, "--prompt", f"{PROMPT} --n {NEGATIVE} --d 11 --ow 256 --oh 192 --nw 32 --nh 48 --ct 16 --cl 8",
-                   "--sampler", "ddim")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(f"{PROMPT} --n {NEGATIVE} --d 11\n"
+                       f"{PROMPT} --n {NEGATIVE} --d 11 --ow 256 --oh 192 --nw 32 --nh 48 --ct 16 --cl 8\n")
+    plain, ours = _gen(env, "--from_file", str(prompts), "--sampler", "ddim")
     theirs = _diffusers_pixels(env.pipe(), "ddim", 11, original_size=(192, 256), crops_coords_top_left=(16, 8),
                                target_size=(64, 64), negative_original_size=(48, 32),
                                negative_crops_coords_top_left=(16, 8), negative_target_size=(64, 64))
@@ -214,15 +215,19 @@ def test_gen_img_size_conditioning_matches_diffusers(env):
     assert np.array_equal(opts, ours)
 
 
-def test_gen_img_sdxl_lora_matches_diffusers(env):
-    (ours,) = _gen(env, "--prompt", f"{PROMPT} --n {NEGATIVE} --d 11", "--sampler", "ddim", "--network_module",
-                   "networks.lora", "--network_weights", env.lora)
+def test_gen_img_sdxl_lora_matches_diffusers(env, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(f"{PROMPT} --n {NEGATIVE} --d 11\n{PROMPT} --n {NEGATIVE} --d 11 --am 0\n")
+    ours, base = _gen(env, "--from_file", str(prompts), "--sampler", "ddim", "--network_module", "networks.lora",
+                      "--network_weights", env.lora)
     (merged,) = _gen(env, "--prompt", f"{PROMPT} --n {NEGATIVE} --d 11", "--sampler", "ddim", "--network_module",
                      "networks.lora", "--network_weights", env.lora, "--network_merge")
-    (base,) = _gen(env, "--prompt", f"{PROMPT} --n {NEGATIVE} --d 11", "--sampler", "ddim")
-    pipe = env.new_pipe()
-    pipe.load_lora_weights(env.lora)
-    theirs = _diffusers_pixels(pipe, "ddim", 11)
+    pipe = env.pipe()
+    pipe.load_lora_weights(env.lora, adapter_name="gen")
+    try:
+        theirs = _diffusers_pixels(pipe, "ddim", 11)
+    finally:
+        pipe.unload_lora_weights()
     assert np.abs(ours - base).max() > 10, "the LoRA has no visible effect"
     print(f"gen_img SDXL LoRA vs diffusers: max pixel diff {np.abs(ours - theirs).max()}; merged vs live "
           f"{np.abs(merged - ours).max()}")
@@ -230,20 +235,20 @@ def test_gen_img_sdxl_lora_matches_diffusers(env):
     assert np.abs(merged - ours).max() <= 1
 
 
-def test_gen_img_sdxl_folder_cli_and_textual_inversion(env, tmp_path):
-    """A diffusers SDXL folder is recognised (and its two tokenizers used) through the real
-    command line; an SDXL embedding (clip_l + clip_g) adds its token to both encoders."""
+def test_gen_img_sdxl_folder_and_textual_inversion(env, tmp_path, caplog):
+    """A diffusers SDXL folder is recognised (and its two tokenizers used); an SDXL embedding
+    (clip_l + clip_g) adds its token to both encoders."""
+    import gen_img
+
     emb = tmp_path / "tok.safetensors"
     g = torch.Generator().manual_seed(0)
     safetensors_io.save_state_dict({"clip_l": torch.randn(2, 32, generator=g), "clip_g": torch.randn(2, 64, generator=g)},
                                    str(emb))
-    out = tmp_path / "cli"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "gen_img.py"), "--ckpt", env.files.reference_folder, "--outdir",
-                        str(out), "--W", "64", "--H", "64", "--steps", "2", "--prompt", "a tok cat --d 3",
-                        "--textual_inversion_embeddings", str(emb), "--sequential_file_name", "--console_log_simple"],
-                       capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "SDXL" in r.stderr and "textual inversion: 'tok' (2 vectors)" in r.stderr
+    out = tmp_path / "folder"
+    caplog.set_level("INFO")
+    gen_img.main(["--ckpt", env.files.reference_folder, "--outdir", str(out), "--W", "64", "--H", "64", "--steps", "2",
+                  "--prompt", "a tok cat --d 3", "--textual_inversion_embeddings", str(emb), "--sequential_file_name"])
+    assert "an SDXL model" in caplog.text and "textual inversion: 'tok' (2 vectors)" in caplog.text
     assert os.listdir(out) == ["im_000001.png"]
     # an SD1.x embedding is refused for SDXL with the reason
     sd1 = tmp_path / "sd1emb.safetensors"
@@ -329,20 +334,19 @@ def test_oft_and_lbw_merge_into_checkpoint(env, tmp_path):
     with_lbw = tmp_path / "lbw.safetensors"
     _merge("--sd_model", env.files.path, "--models", env.lora, "--ratios", "0.8", "--lbws", ",".join(map(str, lbw)),
            "--save_to", str(with_lbw))
-    sd = safetensors_io.load_state_dict(env.lora)
-    scaled = {}
-    for k, v in sd.items():
-        name = k.split(".", 1)[0]
+    from library.lora_tools.lorafile import read_lora
+    from library.lora_tools.sd import all_layers
+
+    merged, base = all_layers(load_sdxl_models(str(with_lbw))), all_layers(env.models())
+    worst, checked = 0.0, set()
+    for name, m in read_lora(env.lora).modules.items():
         w = 0.5 if name.startswith("lora_te") else 0.0 if name.startswith(("lora_unet_input_blocks_4_", "lora_unet_output_blocks_2_")) \
             else 2.0 if name.startswith("lora_unet_middle_block_") else 1.0
-        scaled[k] = v * w if k.endswith("lora_up.weight") else v
-    hand = tmp_path / "hand.safetensors"
-    safetensors_io.save_state_dict(scaled, str(hand))
-    hand_out = tmp_path / "hand_merged.safetensors"
-    _merge("--sd_model", env.files.path, "--models", str(hand), "--ratios", "0.8", "--save_to", str(hand_out))
-    a, b = _flat(load_sdxl_models(str(with_lbw))), _flat(load_sdxl_models(str(hand_out)))
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    print(f"LBW merge vs hand-scaled LoRA: max abs weight diff {worst:.3g}")
+        got = merged[name][1].module.weight - base[name][1].module.weight
+        worst = max(worst, (got - 0.8 * w * m.delta()).abs().max().item())
+        checked.add(w)
+    assert checked == {0.0, 0.5, 1.0, 2.0}
+    print(f"LBW merge vs ratio x block weight x delta: max abs weight diff {worst:.3g}")
     assert worst <= 1e-5
 
 

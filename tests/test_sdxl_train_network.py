@@ -163,10 +163,10 @@ def test_cached_text_encoder_outputs_train_exactly_like_live_encoding(ws, tmp_pa
     """U-Net-only training: outputs cached in memory give the same LoRA as encoding every step;
     --weighted_captions reaches the encoding on both paths (and changes the result)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    common = ("--max_train_steps", "3", "--network_train_unet_only", "--weighted_captions")
+    common = ("--max_train_steps", "2", "--network_train_unet_only", "--weighted_captions")
     run_in_process(base_argv(ws, tmp_path / "live", *common))
     run_in_process(base_argv(ws, tmp_path / "cached", *common, "--cache_text_encoder_outputs"))
-    run_in_process(base_argv(ws, tmp_path / "plain", "--max_train_steps", "3", "--network_train_unet_only"))
+    run_in_process(base_argv(ws, tmp_path / "plain", "--max_train_steps", "2", "--network_train_unet_only"))
     live = safetensors_io.load_state_dict(tmp_path / "live" / "lora.safetensors")
     cached = safetensors_io.load_state_dict(tmp_path / "cached" / "lora.safetensors")
     plain = safetensors_io.load_state_dict(tmp_path / "plain" / "lora.safetensors")
