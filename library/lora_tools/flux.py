@@ -626,9 +626,12 @@ def merge_into_part(part: ModelPart, loras: Sequence[tuple[LoraFile, float]], sa
         contribs = by_key.get(key)
         if not contribs:
             return t
-        w = t.to(device=working_device, dtype=torch.float32)
+        w = t.to(device=working_device, dtype=torch.float32)  # t is this merge's own tensor
         for m, ratio in contribs:
-            w += m.delta(ratio, working_device).reshape(w.shape)
+            # W += (ratio * scale) * up @ down in place: no (out, in) temporaries
+            up = m.up.to(device=working_device, dtype=torch.float32)
+            down = m.down.to(device=working_device, dtype=torch.float32)
+            w.addmm_(up.reshape(m.out_features, m.rank), down.reshape(m.rank, -1), alpha=ratio * m.scale)
         return w.to(device=t.device, dtype=precision)
 
     stored_dtype = {k: (precision if part.dtypes[k].is_floating_point else part.dtypes[k]) for k in part.keys}

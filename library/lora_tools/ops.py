@@ -17,6 +17,7 @@ All results are dicts {module name: LoraModule} with float32 CPU tensors, plus o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -301,16 +302,22 @@ def extract(pairs: Iterable[WeightPair], dim: int, conv_dim: int | None, clamp_q
                 continue
             t0 = time.perf_counter()
             org, tuned = p.load()
-            diff = tuned.to(device=device, dtype=torch.float32) - org.to(device=device, dtype=torch.float32)
-            del org, tuned
+            diff = tuned.to(device=device, dtype=torch.float32, copy=True)  # a copy: the caller's tensor stays
+            del tuned
+            diff -= org.to(device=device, dtype=torch.float32)
+            del org
             mat = diff.reshape(diff.shape[0], -1)
             rank = min(conv_dim if p.kind == "conv" else dim, mat.shape[0], mat.shape[1])
-            if svd == "top":
-                total_sq = float(torch.linalg.vector_norm(mat)) ** 2
-                u, s, vh = linalg.svd_top(mat, rank)
-            else:
-                total_sq = None
-                u, s, vh = linalg.svd_dense(mat)
+            # small SVDs on one CPU thread: on shared cores a thread team made a 1792x256 SVD
+            # 10-40x slower (linalg.factor_threads)
+            small = min(mat.shape) <= linalg.DENSE_SVD_LIMIT
+            with linalg.factor_threads(device) if small else contextlib.nullcontext():
+                if svd == "top":
+                    total_sq = float(torch.linalg.vector_norm(mat)) ** 2
+                    u, s, vh = linalg.svd_top(mat, rank)
+                else:
+                    total_sq = None
+                    u, s, vh = linalg.svd_dense(mat)
             del diff, mat
             up2d, down2d = linalg.truncate(u, s, vh, rank)
             del u, vh
