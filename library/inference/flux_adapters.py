@@ -1,7 +1,9 @@
 """Minimal kohya-format adapter loading for FLUX.1 inference (`--lora_weights path;mult`).
 
-A stand-in until networks/lora_flux.py and networks/oft_flux.py exist: it reads the saved
-files directly and applies them to our model tree, where a kohya module name is the module
+It reads saved files (ours from networks/lora_flux.py and networks/oft_flux.py, or any
+kohya-format FLUX LoRA/OFT) directly and applies them to our model tree, with the OFT
+rotation of networks/oft.py (tests/test_lora_flux.py checks it gives the networks' own
+outputs), where a kohya module name is the module
 path with '.' -> '_' (`lora_unet_double_blocks_0_img_attn_qkv`). Supported:
 
 - LoRA (`<name>.lora_down.weight`, `.lora_up.weight`, optional `.alpha`): delta
@@ -122,14 +124,9 @@ def _describe(flux) -> str:
 
 
 def _cayley(blocks: torch.Tensor, constraint: float, multiplier: float) -> torch.Tensor:
-    b = blocks.float()
-    q = b - b.transpose(1, 2)
-    norm = torch.linalg.vector_norm(q)
-    if norm > constraint:
-        q = q * ((constraint + 1e-8) / (norm + 1e-8))
-    eye = torch.eye(b.shape[-1], dtype=torch.float32, device=b.device)
-    r = torch.linalg.solve(eye - q, eye + q)
-    return multiplier * (r - eye) + eye
+    from networks.oft import cayley_rotation  # the training networks' own rotation
+
+    return cayley_rotation(blocks, constraint, multiplier)
 
 
 class _Applied:

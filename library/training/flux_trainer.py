@@ -169,6 +169,12 @@ class FluxNetworkTrainer(NetworkTrainer):
                                                                train_group, val_group)
         if arch.train_clip_l and text_encoders[0] is not None:
             text_encoders[0].to(accelerator.device)  # its LoRA trains on live CLIP-L outputs
+        # the datasets keep the strategy (to read the cache files): it needs no models any more
+        for g in (train_group, val_group):
+            for d in getattr(g, "datasets", None) or []:
+                strategy = getattr(d, "te_strategy", None)
+                if strategy is not None:
+                    strategy.clip_l = strategy.t5 = None
         if not arch.train_t5xxl and self._releasable(args):
             self.release_text_encoder(arch, text_encoders, 1)
         if not arch.train_clip_l and self._releasable(args):
