@@ -85,3 +85,34 @@ def test_swap_counts_and_limits():
 
     flux = load_flux_transformer(tiny_flux_files("flux-dev")["flux"])
     assert BlockSwapper.create(flux, 2, "cpu") is None and flux.block_swap is None
+
+
+def test_fp8_storage_keeps_no_upcast_copies_for_backward():
+    """--fp8_base layers hand backward their stored fp8 weight, not the bf16 copy made for the
+    call: what autograd keeps for a frozen model is about 1 byte per weight, and the input
+    gradients equal those of the upcast weights."""
+    from library.training.model_options import store_weights_in_fp8
+
+    torch.manual_seed(0)
+    fp8 = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+    store_weights_in_fp8(fp8, torch.bfloat16)
+    ref = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+    ref.load_state_dict({k: v.float() for k, v in fp8.state_dict().items()})
+    for m in (fp8, ref):
+        m.requires_grad_(False)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    x = torch.randn(2, 64, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fp8(x)
+    weight_bytes = sum(saved)
+    assert weight_bytes < 2 * 64 * 256 + 4 * 2 * 256 * 4  # fp8 weights (+ small activations), no bf16 copies
+    y.float().sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref(x2).float().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)

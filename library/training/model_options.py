@@ -38,6 +38,42 @@ def set_attention(unet, args) -> str:
     return "PyTorch scaled_dot_product_attention"
 
 
+def _stored_weight_linear_class():
+    import torch
+    import torch.nn.functional as F
+
+    class StoredWeightLinear(torch.autograd.Function):
+        """F.linear with a frozen low-precision weight upcast for the call. Backward keeps
+        the stored (fp8) weight and upcasts it again, instead of the upcast copy autograd
+        would otherwise hold until backward (a whole bf16 model when nothing is checkpointed)."""
+
+        @staticmethod
+        def forward(ctx, x, weight, bias):
+            ctx.save_for_backward(weight)
+            return F.linear(x, weight.to(x.dtype), bias)
+
+        @staticmethod
+        def backward(ctx, grad):
+            (weight,) = ctx.saved_tensors
+            grad_x = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
+            return grad_x, None, None
+
+    return StoredWeightLinear
+
+
+class _LazyFunction:
+    def __init__(self, factory):
+        self._factory, self._cls = factory, None
+
+    def apply(self, *args):
+        if self._cls is None:
+            self._cls = self._factory()
+        return self._cls.apply(*args)
+
+
+_StoredWeightLinear = _LazyFunction(_stored_weight_linear_class)
+
+
 def store_weights_in_fp8(model, compute_dtype) -> int:
     """Keep Linear/Conv2d weights of a frozen model as float8_e4m3fn; upcast per call.
 
@@ -57,6 +93,8 @@ def store_weights_in_fp8(model, compute_dtype) -> int:
 
             def linear_forward(x, m=module):
                 bias = None if m.bias is None else m.bias.to(x.dtype)
+                if torch.is_grad_enabled() and not m.weight.requires_grad and (bias is None or not bias.requires_grad):
+                    return _StoredWeightLinear.apply(x, m.weight, bias)
                 return F.linear(x, m.weight.to(x.dtype), bias)
 
             module.forward = linear_forward
