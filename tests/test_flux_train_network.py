@@ -108,6 +108,12 @@ def test_text_encoder_lora_split_qkv_and_network_weights(ws, tmp_path):
     md = safetensors_io.read_metadata(str(out / "lora.safetensors"))
     assert md["ss_apply_t5_attn_mask"] == "True" and md["ss_text_encoder_lr"] == "[0.0001, 5e-05]"
     assert np.isfinite(summary["final_loss"])
+    # cached text-encoder outputs with a trained CLIP-L LoRA: CLIP-L runs live, T5 comes from the cache
+    out3 = tmp_path / "c"
+    run(argv(ws, out3, "--cache_text_encoder_outputs"))
+    te = safetensors_io.load_state_dict(str(out3 / "lora.safetensors"))
+    ups = [v for k, v in te.items() if k.startswith("lora_te1_") and k.endswith("lora_up.weight")]
+    assert ups and all(u.abs().sum() > 0 for u in ups)
     out2 = tmp_path / "b"
     run(argv(ws, out2, "--network_args", "train_t5xxl=True", "split_qkv=True", "--network_weights",
              str(out / "lora.safetensors"), "--max_train_steps", "1", "--learning_rate", "1e-30"))
