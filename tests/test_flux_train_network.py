@@ -173,20 +173,32 @@ def test_differential_output_preservation_flux(ws, tmp_path):
     assert d[1:] != z[1:]  # once the LoRA moved, the DOP rows have a loss of their own
 
 
-def test_differential_output_preservation_sd1(tiny_sd, tokenizer_cache, ws, tmp_path):
-    """The same rule through train_network.py (the DOP code is the shared trainer's)."""
-    import train_network
+@pytest.mark.parametrize("variant", ["sd1", "sdxl"])
+def test_differential_output_preservation_sd1_sdxl(variant, request, tokenizer_cache, ws, tmp_path):
+    """The same rule through train_network.py and sdxl_train_network.py (the DOP code is the
+    shared trainer's; SDXL's size conditioning follows the selected rows)."""
+    if variant == "sd1":
+        import train_network as script
+
+        model = request.getfixturevalue("tiny_sd")("sd1").path
+    else:
+        import sdxl_train_network as script
+
+        model = request.getfixturevalue("tiny_sdxl_files").path
 
     def sd_argv(out, *extra):
-        return ["--pretrained_model_name_or_path", tiny_sd("sd1").path, "--tokenizer_cache_dir", tokenizer_cache,
+        return ["--pretrained_model_name_or_path", model, "--tokenizer_cache_dir", tokenizer_cache,
                 "--output_dir", str(out), "--network_module", "networks.lora", "--network_dim", "4",
                 "--learning_rate", "1e-2", "--seed", "3", "--max_data_loader_n_workers", "0", "--max_train_steps",
                 "2", *extra]
 
-    dop = train_network.main(sd_argv(tmp_path / "sd_dop", "--dataset_config", _dop_toml(tmp_path, ws, True)))
-    zero = train_network.main(sd_argv(tmp_path / "sd_zero", "--dataset_config", _dop_toml(tmp_path, ws, False),
-                                      "--prior_loss_weight", "0"))
+    dop = script.main(sd_argv(tmp_path / "dop", "--dataset_config", _dop_toml(tmp_path, ws, True)))
+    zero = script.main(sd_argv(tmp_path / "zero", "--dataset_config", _dop_toml(tmp_path, ws, False),
+                               "--prior_loss_weight", "0"))
+    plain = script.main(sd_argv(tmp_path / "plain", "--dataset_config", _dop_toml(tmp_path, ws, False),
+                                "--max_train_steps", "1"))
     assert dop["loss_history"][0][1] == pytest.approx(zero["loss_history"][0][1], rel=1e-6, abs=1e-7)
+    assert plain["loss_history"][0][1] > zero["loss_history"][0][1] * 1.05
 
 
 def test_bad_input_is_reported_before_models_load(ws, tmp_path, monkeypatch):
