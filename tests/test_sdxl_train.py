@@ -60,7 +60,7 @@ def max_diff(a: dict, b: dict, prefix: str = "") -> float:
 # ------------------------------------------------------------------------------ command line + diffusers
 def test_command_line_checkpoint_loads_in_diffusers(ws, tmp_path):
     """The real script in a subprocess: U-Net with --block_lr (some blocks frozen), text
-    encoder 1 trained, text encoder 2 at lr 0; step saves, a state folder; the final file
+    encoder 1 trained, text encoder 2 at lr 0; step saves, a state folder, a preview; the final file
     loads in diffusers' StableDiffusionXLPipeline.from_single_file with equal weights."""
     from diffusers import StableDiffusionXLPipeline
 
@@ -69,10 +69,13 @@ def test_command_line_checkpoint_loads_in_diffusers(ws, tmp_path):
     from library.tokenizers import load_sdxl_tokenizers
 
     out = tmp_path / "out"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square --w 64 --h 64 --s 2 --d 5\n")
     block_lr = ["0"] + ["1e-3"] * 9 + ["0"] * 3 + ["1e-3"] * 9 + ["2e-3"]  # embedding and middle block frozen
     argv = argv_for(ws, out, "--max_train_steps", "2", "--save_every_n_steps", "1", "--save_state",
                     "--learning_rate", "1e-3", "--block_lr", ",".join(block_lr), "--train_text_encoder",
-                    "--learning_rate_te1", "5e-4", "--learning_rate_te2", "0", "--metadata_author", "me")
+                    "--learning_rate_te1", "5e-4", "--learning_rate_te2", "0", "--metadata_author", "me",
+                    "--sample_prompts", str(prompts), "--sample_every_n_steps", "2")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "sdxl_train.py"), *argv], capture_output=True, text=True,
                        timeout=600, env=env, cwd=ROOT)
@@ -82,6 +85,7 @@ def test_command_line_checkpoint_loads_in_diffusers(ws, tmp_path):
     assert not any(f.startswith(".tmp") for f in files), files
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["steps"] == 2
+    assert os.listdir(out / "sample") == ["ft_000002_00_5.png"]  # preview with the SDXL sampler
 
     md = safetensors_io.read_metadata(out / "ft.safetensors")
     assert md["modelspec.architecture"] == "stable-diffusion-xl-v1-base" and md["modelspec.author"] == "me"

@@ -241,8 +241,8 @@ class FineTuneTrainer(NetworkTrainer):
             unet.enable_gradient_checkpointing()
             unet.train()  # the blocks checkpoint in training mode only
             for te, part in zip(text_encoders, parts[1:]):
-                if part.trained:
-                    te.gradient_checkpointing_enable()
+                if part.trained:  # transformers 5 renamed it; the old name warns
+                    (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
         arch.freeze_unused(models, parts)
 
         # optimizer(s) and schedule(s)
@@ -350,12 +350,13 @@ class FineTuneTrainer(NetworkTrainer):
 
     # ------------------------------------------------------------------ pieces
     def page_out_idle_models(self) -> None:
-        from library.training.memory import page_out_frozen
+        from library.training.memory import page_out_frozen, trim_heap
 
         released = page_out_frozen(getattr(self, "idle_models", []))
-        if released:
-            logger.info("released %.0f MiB of idle frozen weights (memory-mapped; read back when needed)",
-                        released / 2**20)
+        trimmed = trim_heap()
+        if released or trimmed:
+            logger.info("released %.0f MiB of idle frozen weights (memory-mapped; read back when needed) and %.0f MiB "
+                        "of freed heap", released / 2**20, trimmed / 2**20)
 
     def dop_rows(self, batch) -> list[int]:
         """Differential output preservation needs a network to switch off; a full fine-tune has none."""
