@@ -325,3 +325,22 @@ def test_idle_frozen_weights_are_paged_out_and_read_back(tiny_sdxl_files):
     assert all(torch.equal(expected[k], v) for k, v in te.state_dict().items())
     trained = models.unet  # requires_grad tensors are never paged out
     assert page_out_frozen([trained]) == 0
+
+
+def test_parser_has_every_spec_option_and_help_is_fast():
+    import time
+
+    from library.args.finetune_args import sdxl_train_parser
+
+    parser = sdxl_train_parser()
+    names = [s for a in parser._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
+    assert len(names) == 176  # cli-options.md §9
+    for own in ("--learning_rate_te1", "--learning_rate_te2", "--diffusers_xformers", "--train_text_encoder",
+                "--no_half_vae", "--block_lr", "--fused_optimizer_groups", "--fused_backward_pass",
+                "--cache_text_encoder_outputs_to_disk", "--save_model_as", "--v_parameterization"):
+        assert own in names
+    assert "--prior_loss_weight" not in names and "--network_module" not in names
+    t0 = time.time()
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sdxl_train.py"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--fused_optimizer_groups" in r.stdout
+    assert time.time() - t0 < 10  # no torch import before parsing (about 1 s on an idle machine)

@@ -166,6 +166,9 @@ class FineTuneTrainer(NetworkTrainer):
         t_start = time.time()
         self.check_args(args)
         arch, parts = self.arch, self.parts
+        from library.training.memory import release_freed_tensors_at_once
+
+        release_freed_tensors_at_once()  # gradients and activations freed are returned, not kept resident
         if args.seed is None:
             args.seed = random.SystemRandom().randint(0, 2**31 - 1)
             logger.info("no --seed given; using %d", args.seed)
