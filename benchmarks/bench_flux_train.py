@@ -22,9 +22,10 @@ Configurations, each in its own fresh process, one after the other:
     blocks_to_swap           + --gradient_checkpointing --blocks_to_swap 4
 
 Measured per run (in the training process, by wrappers around the trainer's own methods):
-peak RSS of the whole run (ru_maxrss: loading included), peak RSS of the training steps
-alone (VmHWM reset through /proc/self/clear_refs just before the first step), RSS after
-loading, seconds per step (median of the timed steps after one warm-up step).
+peak RSS of the whole run (VmHWM: loading and caching included), peak RSS of the training
+steps alone (VmHWM reset through /proc/self/clear_refs just before the first step, after
+the caches were made and the T5 released), RSS after loading, seconds per step (median of
+the timed steps after one warm-up step).
 
 On a CPU, `--blocks_to_swap` and `--cpu_offload_checkpointing` cannot lower RSS: they move
 weights / saved activations from GPU memory into CPU memory, which is where everything
@@ -57,7 +58,7 @@ CONFIGS = {
 }
 
 CHILD = r"""
-import json, os, resource, statistics, sys, time
+import json, os, statistics, sys, time
 sys.path.insert(0, ROOT_PLACEHOLDER)
 import torch
 torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
@@ -98,6 +99,7 @@ def before_loss(a, k):
     if "first" not in t:
         t["first"] = True
         marks["rss_before_steps_mib"] = status("VmRSS")
+        marks["peak_before_steps_mib"] = status("VmHWM")  # loading and caching
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM: from here on it is the training steps' peak
@@ -115,8 +117,9 @@ def after_step(a, k, o):
 wrap(NetworkTrainer, "after_step", None, after_step)
 
 summary = flux_train_network.main(sys.argv[1:])
-out = dict(marks=marks, step_s=steps, loadavg=loads, peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           train_peak_rss_mib=status("VmHWM"), losses=[v for _, v in summary["loss_history"]])
+train_peak = status("VmHWM")
+out = dict(marks=marks, step_s=steps, loadavg=loads, peak_rss_mib=max(train_peak, marks.get("peak_before_steps_mib", 0)),
+           train_peak_rss_mib=train_peak, losses=[v for _, v in summary["loss_history"]])
 print("BENCH_RESULT " + json.dumps(out))
 """
 
