@@ -163,18 +163,24 @@ def test_cached_text_encoder_outputs_train_exactly_like_live_encoding(ws, tmp_pa
     """U-Net-only training: outputs cached in memory give the same LoRA as encoding every step;
     --weighted_captions reaches the encoding on both paths (and changes the result)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    common = ("--max_train_steps", "2", "--network_train_unet_only", "--weighted_captions")
-    run_in_process(base_argv(ws, tmp_path / "live", *common))
-    run_in_process(base_argv(ws, tmp_path / "cached", *common, "--cache_text_encoder_outputs"))
-    run_in_process(base_argv(ws, tmp_path / "plain", "--max_train_steps", "2", "--network_train_unet_only"))
+    # Plain SGD: an update is proportional to its gradient, so rounding-level differences in the
+    # encoder outputs (the cache encodes in other batches) stay rounding-level in the weights.
+    # Adam normalises each update to about the learning rate, which turns a near-zero gradient
+    # that differs in its last bits into a full-size difference.
+    sgd = ("--optimizer_type", "torch.optim.SGD", "--learning_rate", "10")
+    common = ("--max_train_steps", "2", "--network_train_unet_only", *sgd)
+    run_in_process(base_argv(ws, tmp_path / "live", *common, "--weighted_captions"))
+    run_in_process(base_argv(ws, tmp_path / "cached", *common, "--weighted_captions", "--cache_text_encoder_outputs"))
+    run_in_process(base_argv(ws, tmp_path / "plain", *common))
     live = safetensors_io.load_state_dict(tmp_path / "live" / "lora.safetensors")
     cached = safetensors_io.load_state_dict(tmp_path / "cached" / "lora.safetensors")
     plain = safetensors_io.load_state_dict(tmp_path / "plain" / "lora.safetensors")
     assert set(live) == set(cached) == set(plain)
     worst = max((live[k] - cached[k]).abs().max().item() for k in live)
-    assert worst <= 1e-6, f"cached vs live: max abs diff {worst}"
     effect = max((live[k] - plain[k]).abs().max().item() for k in live)
-    assert effect > 1e-6, "--weighted_captions changed nothing"
+    print(f"cached vs live {worst:.2e}; weighted vs plain captions {effect:.2e}")
+    assert worst <= 1e-6, f"cached vs live: max abs diff {worst}"
+    assert effect > 100 * max(worst, 1e-7), "--weighted_captions changed nothing"
 
 
 def test_text_encoder_lrs_and_sdxl_block_lr_and_dims(ws, tmp_path, monkeypatch):
