@@ -187,6 +187,50 @@ def test_fused_optimizer_groups_equal_plain_adamw(ws, tmp_path, groups, clip):
         assert diff <= 1e-7
 
 
+def _gradient_bytes_held_at_most(mode: str) -> tuple[int, int]:
+    """Largest number of gradient bytes alive at once during one backward pass of a
+    12-layer MLP (plain: every gradient waits for step(); fused modes free them early)."""
+    from transformers.optimization import Adafactor
+
+    from library.training.fused_optimizers import FusedBackwardPass, FusedOptimizerGroups, split_param_groups
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(12)])
+    params = list(model.parameters())
+    peak = [0]
+
+    def count(_param):  # registered first, so it runs before a fused hook frees the gradient
+        peak[0] = max(peak[0], sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None))
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(count)
+    kwargs = dict(lr=1e-3, relative_step=False, scale_parameter=False, warmup_init=False)
+    if mode == "plain":
+        opt = Adafactor(params, **kwargs)
+    elif mode == "fused_backward":
+        opt = FusedBackwardPass(Adafactor(params, **kwargs))
+    else:
+        opt = FusedOptimizerGroups([Adafactor(g["params"], **kwargs)
+                                    for g in split_param_groups([{"params": params, "lr": 1e-3}], 4)])
+    model(torch.randn(8, 64)).square().mean().backward()
+    opt.step()
+    return peak[0], sum(p.numel() * p.element_size() for p in params)
+
+
+def test_fused_modes_hold_fewer_gradients_at_once():
+    """The memory the fused modes exist for: plain training holds every gradient until the
+    step; --fused_backward_pass at most one tensor's; --fused_optimizer_groups 4 about a
+    quarter (one group's, plus the next group's first arrivals)."""
+    plain, total = _gradient_bytes_held_at_most("plain")
+    fused, _ = _gradient_bytes_held_at_most("fused_backward")
+    groups, _ = _gradient_bytes_held_at_most("groups4")
+    largest_tensor = 64 * 64 * 4
+    print(f"gradient bytes held at most: plain {plain}, fused backward {fused}, 4 groups {groups} (all {total})")
+    assert plain == total
+    assert fused <= largest_tensor
+    assert largest_tensor < groups <= total // 4 + largest_tensor
+
+
 def test_split_param_groups_keeps_learning_rates_apart():
     from library.training.fused_optimizers import split_param_groups
 
