@@ -3,6 +3,11 @@
     .venv/bin/python benchmarks/bench_sdxl_train.py [--workdir /tmp/bench_sdxl_train]
         [--resolution 512] [--variants plain,fused_backward,fused_groups4] [--no_checkpointing]
         [--optimizer Adafactor|AdamW] [--mixed_precision no|bf16] [--threads N]
+        [--width_divisor 2] [--full_bf16]
+
+`--width_divisor 1 --full_bf16` measures the released SDXL size instead (2.6B U-Net parameters
+stored, trained and stepped in bfloat16, as in the usual 24 GB GPU recipe); its model file is
+written in bf16 (~7 GiB) and a plain step needs ~13 GiB of RAM.
 
 The job (issue 6, "Benchmark"): a reduced SDXL with the real topology (3 U-Net levels,
 transformer depths 0/2/10, CLIP-L 12 layers, bigG 32 layers) and every width halved,
@@ -78,16 +83,21 @@ print("BENCH_RESULT " + json.dumps(record), flush=True)
 """
 
 
-def prepare(workdir: str, resolution: int) -> dict:
+def prepare(workdir: str, resolution: int, width_divisor: int) -> dict:
     from library.data.synthetic import make_color_dataset
     from library.tokenizer_builder import ensure_tokenizer_cache
 
     os.makedirs(workdir, exist_ok=True)
-    model = os.path.join(workdir, "sdxl_half.safetensors")
+    if width_divisor == 2:
+        model, extra = os.path.join(workdir, "sdxl_half.safetensors"), []
+    else:  # other sizes are stored in bf16: the released size would be 13 GiB in float32
+        model = os.path.join(workdir, f"sdxl_div{width_divisor}_bf16.safetensors")
+        extra = ["--save_precision", "bf16"]
     if not os.path.exists(model):
-        print("making the widths-halved SDXL (once) ...", flush=True)
+        print(f"making the SDXL with widths divided by {width_divisor} (once) ...", flush=True)
         subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_tiny_model.py"), "--arch", "sdxl",
-                        "--full_size", "--width_divisor", "2", "--out", model], check=True, cwd=ROOT)
+                        "--full_size", "--width_divisor", str(width_divisor), "--out", model] + extra,
+                       check=True, cwd=ROOT)
     data = os.path.join(workdir, f"data_{resolution}")
     if not os.path.isdir(data):
         make_color_dataset(data, count=1, size=(resolution, resolution))
@@ -110,6 +120,8 @@ def common_argv(files: dict, out: str, args) -> list[str]:
         argv += ["--optimizer_type", args.optimizer]
     if not args.no_checkpointing:
         argv.append("--gradient_checkpointing")
+    if args.full_bf16:
+        argv.append("--full_bf16")
     return argv
 
 
@@ -145,9 +157,14 @@ def main() -> None:
     p.add_argument("--mixed_precision", default="no", choices=["no", "bf16"])
     p.add_argument("--no_checkpointing", action="store_true", help="train without --gradient_checkpointing")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the children")
+    p.add_argument("--width_divisor", type=int, default=2, help="1: the released SDXL widths; 2 (default): halved")
+    p.add_argument("--full_bf16", action="store_true", help="weights, gradients and steps in bfloat16 "
+                   "(sets --mixed_precision bf16; the fused backward pass then rounds stochastically)")
     args = p.parse_args()
+    if args.full_bf16:
+        args.mixed_precision = "bf16"
 
-    files = prepare(args.workdir, args.resolution)
+    files = prepare(args.workdir, args.resolution, args.width_divisor)
     names = [v for v in args.variants.split(",") if v]
     results = {}
     for name in names:
@@ -158,7 +175,9 @@ def main() -> None:
               f"process peak {r['process_peak_rss_mib']:.0f} MiB, step {r['step_seconds']:.1f} s, "
               f"loss {r['final_loss']}", flush=True)
 
-    print(f"\nreduced SDXL (widths halved), {args.resolution}x{args.resolution}, batch 1, {args.optimizer}, "
+    size = "released SDXL widths" if args.width_divisor == 1 else f"SDXL widths divided by {args.width_divisor}"
+    size += ", full bf16" if args.full_bf16 else ""
+    print(f"\n{size}, {args.resolution}x{args.resolution}, batch 1, {args.optimizer}, "
           f"mixed precision {args.mixed_precision}, gradient checkpointing {'off' if args.no_checkpointing else 'on'}")
     print(f"{'variant':16s} {'step peak MiB':>14s} {'vs plain':>9s} {'process peak MiB':>17s} {'step s':>7s}")
     base = results.get("plain", {}).get("step_peak_rss_mib")
