@@ -37,7 +37,7 @@ def gen_img_parser() -> argparse.ArgumentParser:
     add_logging_arguments(p)
 
     g = p.add_argument_group("model")
-    _flag(g, "--sdxl", "the model is SDXL (not supported by this version yet)")
+    _flag(g, "--sdxl", "the model is SDXL (also recognised from the file or folder unless --v1/--v2 is given)")
     _flag(g, "--v1", "the model is SD 1.x (the default; the version is also read from the file)")
     _flag(g, "--v2", "the model is SD 2.x (the version is also read from the file)")
     _flag(g, "--v_parameterization", "the model predicts v (SD 2.x 768-v and other v-prediction models)")
