@@ -145,8 +145,6 @@ def test_swapping_on_cuda_streams(checkpointing):
         flux.train()
         return flux, net, swapper
 
-    inp = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in random_inputs(
-        load_flux_transformer(tiny_flux_files("flux-dev")["flux"]).config, batch=2).items()}
     results = []
     for swap in (0, 4):
         torch.cuda.empty_cache()
@@ -154,10 +152,12 @@ def test_swapping_on_cuda_streams(checkpointing):
         base = torch.cuda.memory_allocated()
         flux, net, swapper = setup(swap)
         assert (swapper is not None) == bool(swap)
+        inp = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v
+               for k, v in random_inputs(flux.config, batch=2).items()}
         loss, grads = _step(flux, net, inp)
         torch.cuda.synchronize()
         results.append((loss.cpu(), {k: v.cpu() for k, v in grads.items()}, torch.cuda.max_memory_allocated() - base))
-        del flux, net, swapper
+        del flux, net, swapper, inp
     (loss0, grads0, peak0), (loss1, grads1, peak1) = results
     torch.testing.assert_close(loss1, loss0, rtol=0, atol=1e-6)
     for k in grads0:
