@@ -11,7 +11,9 @@ in a fresh process: networks.lora rank --dim on both text encoders and the U-Net
 `--unet_only`: U-Net only with the text-encoder outputs cached), latents cached, gradient
 checkpointing, AdamW, --steps optimizer steps. Printed: seconds per step (after the first,
 which includes warm-up), peak GPU memory (torch.cuda.max_memory_allocated / reserved) or
-peak RSS on a CPU. Results also go to <workdir>/results.json.
+peak RSS on a CPU (of the whole run, and of the training steps alone: the kernel's VmHWM
+is reset through /proc/self/clear_refs when the first step starts). Results also go to
+<workdir>/results.json.
 """
 
 from __future__ import annotations
@@ -34,9 +36,22 @@ from library.training import trainer as trainer_mod
 times = []
 real_loss = trainer_mod.NetworkTrainer.training_loss
 
+def status_mib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return None
+
 def timed(self, ctx, batch):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+    if not times:  # training starts: from here on VmHWM is the peak of the steps alone
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
     times.append(time.perf_counter())
     return real_loss(self, ctx, batch)
 
@@ -45,7 +60,8 @@ if torch.cuda.is_available():
     torch.cuda.reset_peak_memory_stats()
 import sdxl_train_network
 summary = sdxl_train_network.main(sys.argv[1:])
-out = {"step_starts": times, "summary": {k: v for k, v in summary.items() if k != "loss_history"}}
+out = {"step_starts": times, "summary": {k: v for k, v in summary.items() if k != "loss_history"},
+       "steps_peak_rss_mib": status_mib("VmHWM")}
 if torch.cuda.is_available():
     out["max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
     out["max_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
@@ -124,7 +140,8 @@ def main() -> None:
     if "max_allocated_gib" in res:
         print(f"  peak GPU memory {res['max_allocated_gib']:.2f} GiB allocated, {res['max_reserved_gib']:.2f} GiB reserved "
               f"({res['device']})")
-    print(f"  peak RSS {s['peak_rss_mib']} MiB")
+    print(f"  peak RSS {s['peak_rss_mib']} MiB (whole run: loading and caching included); "
+          f"training steps alone {res['steps_peak_rss_mib']:.0f} MiB")
 
 
 if __name__ == "__main__":
