@@ -18,7 +18,8 @@ from library.errors import UserInputError
 from library.training.block_swap import BlockSwapper, flux_swap_counts
 
 
-def _setup(swap: int, checkpointing: bool):
+def _setup(swap: int, checkpointing: bool, device: str = "cpu"):
+    """Tiny FLUX with a random LoRA; on the CPU the swap is simulated, on CUDA it is real."""
     import networks.lora_flux as lf
     from library.models.flux.loading import load_flux_transformer
 
@@ -30,7 +31,10 @@ def _setup(swap: int, checkpointing: bool):
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     net.apply_to(None, flux, False, True)
-    swapper = BlockSwapper.create(flux, swap, "cpu", simulate=True) if swap else None
+    swapper = BlockSwapper.create(flux, swap, device, simulate=device == "cpu") if swap else None
+    if swapper is None:
+        flux.to(device)
+    net.to(device)
     if checkpointing:
         flux.enable_gradient_checkpointing()
     flux.train()
@@ -124,33 +128,12 @@ def test_fp8_storage_keeps_no_upcast_copies_for_backward():
 def test_swapping_on_cuda_streams(checkpointing):
     """On a GPU: the same losses and LoRA gradients as the model held wholly on the device,
     and less device memory at the peak (the swapped blocks visit one or two at a time)."""
-    import networks.lora_flux as lf
-    from library.models.flux.loading import load_flux_transformer
-
-    def setup(swap):
-        flux = load_flux_transformer(tiny_flux_files("flux-dev")["flux"])
-        flux.requires_grad_(False)
-        net = lf.create_network(1.0, 4, 2.0, None, None, flux)
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for p in net.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-        net.apply_to(None, flux, False, True)
-        swapper = BlockSwapper.create(flux, swap, "cuda") if swap else None
-        if swapper is None:
-            flux.to("cuda")
-        net.to("cuda")
-        if checkpointing:
-            flux.enable_gradient_checkpointing()
-        flux.train()
-        return flux, net, swapper
-
     results = []
     for swap in (0, 4):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        flux, net, swapper = setup(swap)
+        flux, net, swapper = _setup(swap, checkpointing, "cuda")
         assert (swapper is not None) == bool(swap)
         inp = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v
                for k, v in random_inputs(flux.config, batch=2).items()}
