@@ -65,13 +65,7 @@ torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
 import flux_train_network
 from library.arch.flux import FluxArchitecture
 from library.training.trainer import NetworkTrainer
-
-def status(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from benchmarks.process_memory import reset_peak_rss, status_mib as status
 
 def loadavg():
     with open("/proc/loadavg") as f:
@@ -100,12 +94,7 @@ def before_loss(a, k):
         t["first"] = True
         marks["rss_before_steps_mib"] = status("VmRSS")
         marks["peak_before_steps_mib"] = status("VmHWM")  # loading and caching
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM: from here on it is the training steps' peak
-            marks["hwm_reset"] = True
-        except OSError:
-            marks["hwm_reset"] = False
+        marks["hwm_reset"] = reset_peak_rss()  # from here on VmHWM is the training steps' peak
         t["step"] = time.perf_counter()
 wrap(NetworkTrainer, "training_loss", before_loss)
 

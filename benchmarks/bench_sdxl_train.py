@@ -51,13 +51,7 @@ VARIANTS = {
 CHILD = r"""
 import json, os, resource, sys, time
 sys.path.insert(0, os.environ["BENCH_ROOT"])
-
-def status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # MiB
-    return float("nan")
+from benchmarks.process_memory import reset_peak_rss, status_mib as status
 
 from library.training.finetune_trainer import FineTuneTrainer
 record = {}
@@ -66,8 +60,7 @@ original_loop = FineTuneTrainer.loop
 def loop(self, ctx):
     record["rss_before_step_mib"] = status("VmRSS")
     record["peak_before_step_mib"] = status("VmHWM")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # peak RSS counter := current RSS
+    reset_peak_rss()
     t0 = time.time()
     original_loop(self, ctx)
     record["step_seconds"] = time.time() - t0

@@ -32,26 +32,16 @@ import json, os, sys, time
 sys.path.insert(0, os.environ["BENCH_ROOT"])
 import torch
 from library.training import trainer as trainer_mod
+from benchmarks.process_memory import reset_peak_rss, status_mib
 
 times = []
 real_loss = trainer_mod.NetworkTrainer.training_loss
-
-def status_mib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return None
 
 def timed(self, ctx, batch):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     if not times:  # training starts: from here on VmHWM is the peak of the steps alone
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
+        reset_peak_rss()
     times.append(time.perf_counter())
     return real_loss(self, ctx, batch)
 
